@@ -1,0 +1,236 @@
+// `ringattn attend`: the file contract of SPEC section 7. Every rank parses the same flags,
+// reads only its shard of each input with MPI-IO, runs the ring, and writes only its part of
+// each output into "<out>.partial"; the outputs are renamed into place once every rank has
+// succeeded. Every failure is agreed across ranks first, so all ranks exit non-zero with the
+// same one-line message and no rank is left waiting.
+
+#include <boost/program_options.hpp>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <optional>
+
+#include "comm/mpi/mpi_communicator.h"
+#include "comm/mpi/mpi_session.h"
+#include "launch/commands.h"
+#include "launch/common.h"
+#include "launch/problem_flags.h"
+#include "launch/sharded_io.h"
+#include "ringattn/ring.h"
+#include "runtime/src/backend.h"
+
+namespace po = boost::program_options;
+
+namespace ringattn::launch {
+namespace {
+
+struct AttendArgs {
+  std::string q, k, v, out, lse, sink_logits;
+  bool causal = false;
+  int64_t window = 0, sinks = 0;
+  double scale = 0.0;
+  std::string layout = "auto", backend = "auto", dtype = "f32";
+  std::string dout, dq, dk, dv, dsink;
+  int64_t decode_from = -1;
+};
+
+po::options_description attend_options(AttendArgs& a) {
+  po::options_description d(
+      "usage: mpirun -np P ringattn attend --q Q.npy --k K.npy --v V.npy --out O.npy [options]\n"
+      "Attention over whole-sequence .npy files (f32, [B, N, H, D] and [B, N, H_kv, D]); each\n"
+      "rank reads and writes only its own shard. Options");
+  d.add_options()("help,h", "show this help")("q", po::value(&a.q),
+                                              "queries [B, N, H, D] (.npy, f32)")(
+      "k", po::value(&a.k), "keys [B, N, H_kv, D]")("v", po::value(&a.v), "values [B, N, H_kv, D]")(
+      "out", po::value(&a.out), "output o [B, N, H, D] (.npy, f32)")(
+      "lse", po::value(&a.lse), "optional output lse [B, H, N] (natural log)")(
+      "causal", po::bool_switch(&a.causal),
+      "causal mask (key j visible to query i only if j <= i)")(
+      "window", po::value(&a.window)->default_value(0), "sliding window W (0 = unlimited)")(
+      "sinks", po::value(&a.sinks)->default_value(0), "number of global sink tokens S")(
+      "sink-logits", po::value(&a.sink_logits), "learned sink logits [H] (.npy, f32)")(
+      "scale", po::value(&a.scale)->default_value(0.0), "score scale (0 = 1/sqrt(D))")(
+      "layout", po::value(&a.layout)->default_value("auto"), "auto | contiguous | zigzag")(
+      "backend", po::value(&a.backend)->default_value("auto"), "auto | cpu | cuda")(
+      "dtype", po::value(&a.dtype)->default_value("f32"),
+      "compute/storage precision: f32 | bf16 | f16")(
+      "dout", po::value(&a.dout),
+      "upstream gradient [B, N, H, D] (backward: not in this version yet)")(
+      "dq", po::value(&a.dq), "output dq (not in this version yet)")(
+      "dk", po::value(&a.dk), "output dk (not in this version yet)")(
+      "dv", po::value(&a.dv), "output dv (not in this version yet)")(
+      "dsink", po::value(&a.dsink), "output dsink [H] (not in this version yet)")(
+      "decode-from", po::value(&a.decode_from),
+      "prefill 0..N0-1, then decode one token at a time (not in this version yet)");
+  return d;
+}
+
+// Checks one input header: f32, C order, `dims` dimensions.
+npy::Header input_header(const std::string& path, const char* flag, size_t dims,
+                         const char* expected) {
+  RINGATTN_CHECK(!path.empty(), "--", flag, " is required");
+  const npy::Header h = npy::read_header(path);
+  RINGATTN_CHECK(h.descr == "<f4", path, " (--", flag,
+                 "): expected little-endian f32 ('<f4'), got '", h.descr, "'");
+  RINGATTN_CHECK(!h.fortran_order, path, " (--", flag, "): expected C order, got Fortran order");
+  RINGATTN_CHECK(h.shape.size() == dims, path, " (--", flag, "): expected shape ", expected,
+                 ", got ", h.shape_string());
+  return h;
+}
+
+int attend_main(MpiSession& session, int argc, char** argv) {
+  MpiCommunicator comm(MPI_COMM_WORLD);
+  const int rank = comm.rank(), world = comm.size();
+
+  AttendArgs a;
+  po::variables_map vm;
+  const po::options_description desc = attend_options(a);
+  AttentionSpec spec;
+  DType dtype = DType::kF32;
+  npy::Header hq, hk, hv;
+  int64_t batch = 0, seq_len = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  std::vector<float> z;
+  Layout layout = Layout::kContiguous;
+  Shard shard;
+
+  // 1. Flags and headers, agreed across ranks before any data moves.
+  bool help = false;
+  agree(comm, [&] {
+    help = parse_options(argc, argv, desc, vm);
+    if (help) return;
+    RINGATTN_CHECK(!a.out.empty(), "--out is required");
+    RINGATTN_CHECK_CODE(
+        ErrorCode::kUnsupported,
+        a.dout.empty() && a.dq.empty() && a.dk.empty() && a.dv.empty() && a.dsink.empty(),
+        "--dout/--dq/--dk/--dv/--dsink (the backward) are not supported by this "
+        "version yet");
+    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, a.decode_from < 0,
+                        "--decode-from (decode through the distributed KV cache) is not "
+                        "supported by this version yet");
+    const Backend backend = select_backend(parse_backend(a.backend), rank == 0);
+    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, backend == Backend::kCpu, "--backend ", a.backend,
+                        " is not available in this version");
+    dtype = parse_dtype(a.dtype);
+    spec.causal = a.causal;
+    spec.window = a.window;
+    spec.sinks = a.sinks;
+    spec.scale = static_cast<float>(a.scale);
+    spec.layout = parse_layout(a.layout);
+    validate_spec(spec);
+    hq = input_header(a.q, "q", 4, "[B, N, H, D]");
+    hk = input_header(a.k, "k", 4, "[B, N, H_kv, D]");
+    hv = input_header(a.v, "v", 4, "[B, N, H_kv, D]");
+    batch = hq.shape[0];
+    seq_len = hq.shape[1];
+    heads = hq.shape[2];
+    head_dim = hq.shape[3];
+    kv_heads = hk.shape[2];
+    RINGATTN_CHECK(hk.shape[0] == batch && hk.shape[1] == seq_len && hk.shape[3] == head_dim, a.k,
+                   ": expected [B, N, H_kv, D] with B=", batch, " N=", seq_len, " D=", head_dim,
+                   " as q, got ", hk.shape_string());
+    RINGATTN_CHECK(hv.shape == hk.shape, a.v, ": expected the shape of k ", hk.shape_string(),
+                   ", got ", hv.shape_string());
+    RINGATTN_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0,
+                   "heads must be a multiple of kv_heads (H % H_kv == 0), got H=", heads,
+                   " H_kv=", kv_heads);
+    RINGATTN_CHECK(batch > 0 && head_dim > 0, a.q, ": empty batch or head dimension ",
+                   hq.shape_string());
+    if (!a.sink_logits.empty()) {
+      const npy::Header hz = input_header(a.sink_logits, "sink-logits", 1, "[H]");
+      RINGATTN_CHECK(hz.shape[0] == heads, a.sink_logits, ": expected [H] with H=", heads, ", got ",
+                     hz.shape_string());
+      z = read_small(a.sink_logits, hz);
+    }
+    layout = resolve_layout(spec.layout, spec.causal, spec.window);
+    check_sharding(seq_len, world, layout, spec.sinks);
+    shard = make_shard(seq_len, world, rank, layout);
+  });
+  if (help) {
+    if (rank == 0) std::cout << desc << "\n";
+    return 0;
+  }
+
+  // 2. Read this rank's shards and convert to the compute dtype.
+  const int64_t n = shard.size();
+  std::vector<float> qf(static_cast<size_t>(batch * n * heads * head_dim));
+  std::vector<float> kf(static_cast<size_t>(batch * n * kv_heads * head_dim)), vf(kf.size());
+  agree(comm, [&] {
+    read_token_shard(a.q, hq, shard, qf.data());
+    read_token_shard(a.k, hk, shard, kf.data());
+    read_token_shard(a.v, hv, shard, vf.data());
+  });
+  std::vector<char> qs, ks, vs;
+  void* qp = qf.data();
+  void* kp = kf.data();
+  void* vp = vf.data();
+  if (dtype != DType::kF32) {
+    auto narrow = [&](std::vector<float>& src, std::vector<char>& dst) -> void* {
+      dst.resize(src.size() * dtype_size(dtype));
+      convert(src.data(), DType::kF32, dst.data(), dtype, static_cast<int64_t>(src.size()));
+      std::vector<float>().swap(src);
+      return dst.data();
+    };
+    qp = narrow(qf, qs);
+    kp = narrow(kf, ks);
+    vp = narrow(vf, vs);
+  }
+  const TensorView q(qp, dtype, {batch, n, heads, head_dim});
+  const TensorView k(kp, dtype, {batch, n, kv_heads, head_dim});
+  const TensorView v(vp, dtype, {batch, n, kv_heads, head_dim});
+  std::vector<float> of(static_cast<size_t>(batch * n * heads * head_dim));
+  std::vector<float> lsef(static_cast<size_t>(batch * heads * n));
+  const TensorView o(of.data(), DType::kF32, {batch, n, heads, head_dim});
+  const TensorView lse(lsef.data(), DType::kF32, {batch, heads, n});
+  const TensorView zt(z.empty() ? nullptr : z.data(), DType::kF32, {heads});
+
+  // 3. The ring (agrees on the configuration itself).
+  RingOptions options;
+  options.num_threads = threads_per_rank(session.local_size());
+  const RingStats st =
+      forward(comm, spec, seq_len, q, k, v, z.empty() ? nullptr : &zt, o, &lse, options);
+
+  // 4. Outputs: written as .partial by every rank, renamed into place only if all succeeded.
+  // Each collective step (create, close) is its own agreement, so a rank that failed an
+  // independent step (a write) never leaves the others inside a collective it skipped.
+  std::vector<std::unique_ptr<ShardedOutput>> outputs;
+  try {
+    agree(comm, [&] {
+      outputs.push_back(std::make_unique<ShardedOutput>(
+          MPI_COMM_WORLD, a.out, std::vector<int64_t>{batch, seq_len, heads, head_dim}));
+    });
+    if (!a.lse.empty()) {
+      agree(comm, [&] {
+        outputs.push_back(std::make_unique<ShardedOutput>(
+            MPI_COMM_WORLD, a.lse, std::vector<int64_t>{batch, heads, seq_len}));
+      });
+    }
+    agree(comm, [&] {
+      write_token_shard(*outputs[0], batch, seq_len, heads * head_dim, shard, of.data());
+      if (!a.lse.empty()) write_row_shard(*outputs[1], batch, heads, seq_len, shard, lsef.data());
+    });
+    agree(comm, [&] {
+      for (auto& out : outputs) out->close();
+    });
+    agree(comm, [&] {
+      for (auto& out : outputs) out->commit();
+    });
+  } catch (...) {
+    for (auto& out : outputs) out->discard();
+    throw;
+  }
+  if (rank == 0) {
+    std::fprintf(stderr,
+                 "ringattn attend: N=%lld P=%d %s layout, %.3f s (compute %.3f s, comm wait "
+                 "%.3f s), wrote %s\n",
+                 static_cast<long long>(seq_len), world, layout_name(layout), st.total_s,
+                 st.compute_s, st.comm_wait_s, a.out.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_attend(int argc, char** argv) { return run_mpi_command(argc, argv, "attend", attend_main); }
+
+}  // namespace ringattn::launch

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages ringattn needs that this machine lacks (run as root, or with
+# sudo available). Safe to run again: it installs nothing when everything is present.
+set -euo pipefail
+
+packages=(
+  cmake g++ make pkg-config
+  libopenmpi-dev openmpi-bin          # MPI (the CPU ring, mpirun)
+  libopenblas-dev                     # CBLAS for the CPU kernel
+  libboost-program-options-dev        # the ringattn program's flags
+  libgtest-dev libgmock-dev           # tests
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get update -q
+  "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "setup: all packages present"
+fi
