@@ -4,6 +4,7 @@
 // The state arithmetic (advance_max, finalize_row) is the shared one of softmax_state.h.
 
 #include "kernels/cpu/attention_cpu.h"
+#include "ringattn/memory.h"
 
 #include <algorithm>
 #include <atomic>
@@ -76,9 +77,9 @@ TileKind classify(const AttentionSpec& spec, Bounds q, Bounds k) {
 }
 
 // Per-thread buffers, reused across calls: the score tile and f32 copies of q/k/v tiles when
-// the inputs are bf16/f16 (or rows are not usable in place).
+// the inputs are bf16/f16 (or rows are not usable in place). Accounted as kernel workspace.
 struct Scratch {
-  std::vector<float> s, q, k, v;
+  HostVector<float> s, q, k, v;
 };
 
 Scratch& thread_scratch() {
@@ -89,7 +90,7 @@ Scratch& thread_scratch() {
 // Pointer and row stride (elements) of `rows` rows of one head of a [B, N, H, D] tensor as f32:
 // in place when the tensor is f32 with a BLAS-compatible row stride, else converted to buf.
 const float* rows_as_f32(const TensorView& t, int64_t b, int64_t n0, int64_t rows, int64_t h,
-                         std::vector<float>& buf, int64_t* ld) {
+                         HostVector<float>& buf, int64_t* ld) {
   const int64_t d = t.size(3);
   const int64_t base = b * t.stride(0) + n0 * t.stride(1) + h * t.stride(2);
   if (t.dtype() == DType::kF32 && (t.stride(1) >= d || rows == 1)) {

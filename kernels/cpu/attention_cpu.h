@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ringattn/attention.h"
+#include "ringattn/memory.h"
 
 namespace ringattn::cpu {
 
@@ -39,7 +40,7 @@ class SoftmaxStateCpu {
 
  private:
   int64_t batch_ = 0, q_len_ = 0, heads_ = 0, head_dim_ = 0;
-  std::vector<float> m_, l_, acc_;
+  HostVector<float> m_, l_, acc_;
 };
 
 /// How much of a fold was computed (tiles are query tile x key tile pairs).

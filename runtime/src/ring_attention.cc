@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/cpu/attention_cpu.h"
+#include "ringattn/memory.h"
 #include "ringattn/ring.h"
 #include "runtime/src/ring_plan.h"
 
@@ -168,9 +169,9 @@ struct Lane {
   int hops = 0;
   int tag = 0;
   int send_peer = 0, recv_peer = 0;
-  std::vector<char> recv_buf[2];
+  HostVector<char> recv_buf[2];
   int spare = 0;
-  std::vector<char> send_buf;
+  HostVector<char> send_buf;
   Block held;  // the block this rank holds at the current step
   // The transfer in flight for the next hop.
   RequestPtr send_req, recv_req;
@@ -214,9 +215,9 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
   const RingPlan plan(geometry);
   const Shard& my_shard = plan.shard(rank);
   const int64_t n_local = my_shard.size();
-  std::vector<int64_t> q_pos(static_cast<size_t>(n_local));
+  HostVector<int64_t> q_pos(static_cast<size_t>(n_local));
   my_shard.positions(0, n_local, q_pos.data());
-  std::vector<int64_t> k_pos;
+  HostVector<int64_t> k_pos;
 
   cpu::SoftmaxStateCpu state(shape.batch, n_local, shape.heads, shape.head_dim);
   const BlockCodec codec(shape.batch, shape.kv_heads, shape.head_dim, q.dtype());
@@ -245,7 +246,7 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
   // [k; v] of positions 0..S-1; everyone folds it first. The plan never carries those keys.
   if (spec.sinks > 0) {
     const Clock::time_point t0 = Clock::now();
-    std::vector<char> sink_buf(codec.bytes(spec.sinks));
+    HostVector<char> sink_buf(codec.bytes(spec.sinks));
     if (rank == 0) {
       Block local;
       local.origin = 0;
@@ -260,7 +261,7 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
     comm.broadcast(sink_buf.data(), sink_buf.size(), 0);
     st.broadcast_s = seconds_since(t0);
     const Block sinks = codec.view(sink_buf.data(), 0, IndexRange{0, spec.sinks});
-    std::vector<int64_t> sink_pos(static_cast<size_t>(spec.sinks));
+    HostVector<int64_t> sink_pos(static_cast<size_t>(spec.sinks));
     for (int64_t j = 0; j < spec.sinks; ++j) sink_pos[j] = j;
     const Clock::time_point t1 = Clock::now();
     const cpu::FoldStats fs = cpu::fold_block(spec, q, q_pos.data(), sinks.k, sinks.v,
