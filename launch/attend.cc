@@ -13,6 +13,7 @@
 
 #include "comm/mpi/mpi_communicator.h"
 #include "comm/mpi/mpi_session.h"
+#include "launch/attend_decode.h"
 #include "launch/commands.h"
 #include "launch/common.h"
 #include "launch/problem_flags.h"
@@ -56,13 +57,15 @@ po::options_description attend_options(AttendArgs& a) {
       "dtype", po::value(&a.dtype)->default_value("f32"),
       "compute/storage precision: f32 | bf16 | f16")(
       "dout", po::value(&a.dout),
-      "upstream gradient [B, N, H, D] (backward: not in this version yet)")(
-      "dq", po::value(&a.dq), "output dq (not in this version yet)")(
-      "dk", po::value(&a.dk), "output dk (not in this version yet)")(
-      "dv", po::value(&a.dv), "output dv (not in this version yet)")(
-      "dsink", po::value(&a.dsink), "output dsink [H] (not in this version yet)")(
+      "upstream gradient do [B, N, H, D] (.npy, f32): also run the ring backward")(
+      "dq", po::value(&a.dq), "output dq [B, N, H, D] (with --dout)")(
+      "dk", po::value(&a.dk), "output dk [B, N, H_kv, D] (with --dout)")(
+      "dv", po::value(&a.dv), "output dv [B, N, H_kv, D] (with --dout)")(
+      "dsink", po::value(&a.dsink),
+      "optional output dsink [H], the gradient of --sink-logits (zeros without them)")(
       "decode-from", po::value(&a.decode_from),
-      "prefill 0..N0-1, then decode one token at a time (not in this version yet)");
+      "prefill 0..N0-1 through the ring, then decode N0..N-1 one token at a time through the "
+      "distributed KV cache (same output; needs --causal)");
   return d;
 }
 
@@ -88,7 +91,7 @@ int attend_main(MpiSession& session, int argc, char** argv) {
   const po::options_description desc = attend_options(a);
   AttentionSpec spec;
   DType dtype = DType::kF32;
-  npy::Header hq, hk, hv;
+  npy::Header hq, hk, hv, hdo;
   int64_t batch = 0, seq_len = 0, heads = 0, kv_heads = 0, head_dim = 0;
   std::vector<float> z;
   Layout layout = Layout::kContiguous;
@@ -100,14 +103,15 @@ int attend_main(MpiSession& session, int argc, char** argv) {
     help = parse_options(argc, argv, desc, vm);
     if (help) return;
     RINGATTN_CHECK(!a.out.empty(), "--out is required");
-    RINGATTN_CHECK_CODE(
-        ErrorCode::kUnsupported,
-        a.dout.empty() && a.dq.empty() && a.dk.empty() && a.dv.empty() && a.dsink.empty(),
-        "--dout/--dq/--dk/--dv/--dsink (the backward) are not supported by this "
-        "version yet");
-    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, a.decode_from < 0,
-                        "--decode-from (decode through the distributed KV cache) is not "
-                        "supported by this version yet");
+    if (a.dout.empty()) {
+      RINGATTN_CHECK(a.dq.empty() && a.dk.empty() && a.dv.empty() && a.dsink.empty(),
+                     "--dq/--dk/--dv/--dsink are outputs of the backward, which needs --dout");
+    } else {
+      RINGATTN_CHECK(!a.dq.empty() && !a.dk.empty() && !a.dv.empty(),
+                     "--dout needs the outputs --dq, --dk and --dv");
+      RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, !vm.count("decode-from"),
+                          "--dout (the backward) cannot be combined with --decode-from");
+    }
     const Backend backend = select_backend(parse_backend(a.backend), rank == 0);
     RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, backend == Backend::kCpu, "--backend ", a.backend,
                         " is not available in this version");
@@ -142,9 +146,20 @@ int attend_main(MpiSession& session, int argc, char** argv) {
                      hz.shape_string());
       z = read_small(a.sink_logits, hz);
     }
+    if (!a.dout.empty()) {
+      hdo = input_header(a.dout, "dout", 4, "[B, N, H, D]");
+      RINGATTN_CHECK(hdo.shape == hq.shape, a.dout, ": expected the shape of q ", hq.shape_string(),
+                     ", got ", hdo.shape_string());
+    }
     layout = resolve_layout(spec.layout, spec.causal, spec.window);
     check_sharding(seq_len, world, layout, spec.sinks);
-    shard = make_shard(seq_len, world, rank, layout);
+    if (vm.count("decode-from")) {
+      check_decode_from(a.decode_from, seq_len, world, spec);
+    } else {
+      a.decode_from = -1;
+    }
+    // With --decode-from, each rank reads its shard of the prefill 0..N0-1 only.
+    shard = make_shard(a.decode_from >= 0 ? a.decode_from : seq_len, world, rank, layout);
   });
   if (help) {
     if (rank == 0) std::cout << desc << "\n";
@@ -187,8 +202,44 @@ int attend_main(MpiSession& session, int argc, char** argv) {
   // 3. The ring (agrees on the configuration itself).
   RingOptions options;
   options.num_threads = threads_per_rank(session.local_size());
-  const RingStats st =
-      forward(comm, spec, seq_len, q, k, v, z.empty() ? nullptr : &zt, o, &lse, options);
+  RingStats st;
+  std::optional<DecodeFromResult> decoded;
+  if (a.decode_from >= 0) {
+    const std::string paths[3] = {a.q, a.k, a.v};
+    const npy::Header headers[3] = {hq, hk, hv};
+    decoded =
+        run_decode_from(comm, spec, a.decode_from, seq_len, q, k, v, z.empty() ? nullptr : &zt, o,
+                        lse, paths, headers, options.num_threads);
+    st = decoded->prefill;
+  } else {
+    st = forward(comm, spec, seq_len, q, k, v, z.empty() ? nullptr : &zt, o, &lse, options);
+  }
+
+  // The backward (--dout): gradients in f32, whatever the compute dtype.
+  const bool backward_pass = !a.dout.empty();
+  std::vector<float> dof, dqf, dkf, dvf, dzf;
+  RingStats bst;
+  if (backward_pass) {
+    dof.resize(static_cast<size_t>(batch * n * heads * head_dim));
+    agree(comm, [&] { read_token_shard(a.dout, hdo, shard, dof.data()); });
+    std::vector<char> dos;
+    void* dop = dof.data();
+    if (dtype != DType::kF32) {
+      dos.resize(dof.size() * dtype_size(dtype));
+      convert(dof.data(), DType::kF32, dos.data(), dtype, static_cast<int64_t>(dof.size()));
+      dop = dos.data();
+    }
+    dqf.resize(dof.size());
+    dkf.resize(static_cast<size_t>(batch * n * kv_heads * head_dim));
+    dvf.resize(dkf.size());
+    dzf.resize(static_cast<size_t>(heads));
+    const TensorView dzt(dzf.data(), DType::kF32, {heads});
+    bst = backward(
+        comm, spec, seq_len, q, k, v, o, lse, TensorView(dop, dtype, {batch, n, heads, head_dim}),
+        z.empty() ? nullptr : &zt, TensorView(dqf.data(), DType::kF32, {batch, n, heads, head_dim}),
+        TensorView(dkf.data(), DType::kF32, {batch, n, kv_heads, head_dim}),
+        TensorView(dvf.data(), DType::kF32, {batch, n, kv_heads, head_dim}), &dzt, options);
+  }
 
   // 4. Outputs: written as .partial by every rank, renamed into place only if all succeeded.
   // Each collective step (create, close) is its own agreement, so a rank that failed an
@@ -205,8 +256,43 @@ int attend_main(MpiSession& session, int argc, char** argv) {
             MPI_COMM_WORLD, a.lse, std::vector<int64_t>{batch, heads, seq_len}));
       });
     }
+    // The backward's outputs follow: dq, dk, dv, then dsink.
+    const size_t grad_outputs = outputs.size();
+    if (backward_pass) {
+      agree(comm, [&] {
+        outputs.push_back(std::make_unique<ShardedOutput>(
+            MPI_COMM_WORLD, a.dq, std::vector<int64_t>{batch, seq_len, heads, head_dim}));
+        outputs.push_back(std::make_unique<ShardedOutput>(
+            MPI_COMM_WORLD, a.dk, std::vector<int64_t>{batch, seq_len, kv_heads, head_dim}));
+        outputs.push_back(std::make_unique<ShardedOutput>(
+            MPI_COMM_WORLD, a.dv, std::vector<int64_t>{batch, seq_len, kv_heads, head_dim}));
+        if (!a.dsink.empty()) {
+          outputs.push_back(std::make_unique<ShardedOutput>(MPI_COMM_WORLD, a.dsink,
+                                                            std::vector<int64_t>{heads}));
+        }
+      });
+    }
     agree(comm, [&] {
+      if (backward_pass) {
+        write_token_shard(*outputs[grad_outputs], batch, seq_len, heads * head_dim, shard,
+                          dqf.data());
+        write_token_shard(*outputs[grad_outputs + 1], batch, seq_len, kv_heads * head_dim, shard,
+                          dkf.data());
+        write_token_shard(*outputs[grad_outputs + 2], batch, seq_len, kv_heads * head_dim, shard,
+                          dvf.data());
+        // dz is the same on every rank (summed by the backward); rank 0 writes it.
+        if (!a.dsink.empty() && rank == 0) outputs[grad_outputs + 3]->write(0, dzf.data(), heads);
+      }
       write_token_shard(*outputs[0], batch, seq_len, heads * head_dim, shard, of.data());
+      // The decoded tokens' outputs are the same on every rank; rank 0 writes them.
+      if (decoded && rank == 0) {
+        write_token_shard(*outputs[0], batch, seq_len, heads * head_dim, decoded->decoded,
+                          decoded->o.data());
+        if (!a.lse.empty()) {
+          write_row_shard(*outputs[1], batch, heads, seq_len, decoded->decoded,
+                          decoded->lse.data());
+        }
+      }
       if (!a.lse.empty()) write_row_shard(*outputs[1], batch, heads, seq_len, shard, lsef.data());
     });
     agree(comm, [&] {
@@ -219,12 +305,27 @@ int attend_main(MpiSession& session, int argc, char** argv) {
     for (auto& out : outputs) out->discard();
     throw;
   }
+  if (rank == 0 && decoded) {
+    const int64_t n_dec = seq_len - a.decode_from;
+    std::fprintf(stderr,
+                 "ringattn attend: prefilled %lld tokens, decoded %lld one at a time in %.3f s "
+                 "(%.3f ms/token)\n",
+                 static_cast<long long>(a.decode_from), static_cast<long long>(n_dec),
+                 decoded->decode_s, n_dec > 0 ? 1e3 * decoded->decode_s / n_dec : 0.0);
+  }
   if (rank == 0) {
     std::fprintf(stderr,
                  "ringattn attend: N=%lld P=%d %s layout, %.3f s (compute %.3f s, comm wait "
                  "%.3f s), wrote %s\n",
                  static_cast<long long>(seq_len), world, layout_name(layout), st.total_s,
                  st.compute_s, st.comm_wait_s, a.out.c_str());
+    if (backward_pass) {
+      std::fprintf(stderr,
+                   "ringattn attend: backward %.3f s (compute %.3f s, comm wait %.3f s), wrote "
+                   "%s, %s, %s%s%s\n",
+                   bst.total_s, bst.compute_s, bst.comm_wait_s, a.dq.c_str(), a.dk.c_str(),
+                   a.dv.c_str(), a.dsink.empty() ? "" : ", ", a.dsink.c_str());
+    }
   }
   return 0;
 }

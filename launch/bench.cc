@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/cpu/attention_cpu.h"
+#include "kernels/cpu/attention_cpu_bwd.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/cpu/vec_math.h"
 #include "launch/commands.h"
@@ -118,7 +119,8 @@ void unfused_attention(const std::vector<float>& q, const std::vector<float>& k,
 void print_kernel_usage(const po::options_description& opts) {
   std::cout << "usage: ringattn bench kernel [options]\n"
                "  CPU attention kernel vs the same run's cblas_sgemm rate and vs the unfused\n"
-               "  sgemm -> softmax -> sgemm path, best of --repeats, causal and not.\n"
+               "  sgemm -> softmax -> sgemm path, best of --repeats, causal and not; and the\n"
+               "  backward kernel (dq, dk, dv; 2.5x the forward FLOPs) vs the same sgemm rate.\n"
             << opts << std::endl;
 }
 
@@ -167,8 +169,8 @@ int bench_kernel(int argc, char** argv) {
       static_cast<long long>(kv_heads), static_cast<long long>(batch), dtype_name(dtype), threads,
       repeats, cpu::vec_isa_name(cpu::best_vec_isa()));
   std::printf("cblas_sgemm 2048^3, %d threads: %.1f GFLOP/s\n\n", threads, sgemm);
-  std::printf("%5s  %6s  %12s  %9s  %14s  %12s\n", "D", "causal", "ours GFLOP/s", "% sgemm",
-              "unfused GFLOP/s", "ours/unfused");
+  std::printf("%5s  %6s  %12s  %9s  %14s  %12s  %11s  %9s\n", "D", "causal", "ours GFLOP/s",
+              "% sgemm", "unfused GFLOP/s", "ours/unfused", "bwd GFLOP/s", "bwd %");
 
   std::vector<Json> rows;
   for (int64_t d : head_dims) {
@@ -176,10 +178,11 @@ int bench_kernel(int argc, char** argv) {
     std::normal_distribution<float> dist(0.0f, 1.0f);
     const size_t qn = static_cast<size_t>(batch * seq_len * heads * d);
     const size_t kn = static_cast<size_t>(batch * seq_len * kv_heads * d);
-    std::vector<float> qf(qn), kf(kn), vf(kn), o_ours(qn), o_unfused(qn);
+    std::vector<float> qf(qn), kf(kn), vf(kn), o_ours(qn), o_unfused(qn), dof(qn);
     for (float& x : qf) x = dist(rng);
     for (float& x : kf) x = dist(rng);
     for (float& x : vf) x = dist(rng);
+    for (float& x : dof) x = dist(rng);
     // Inputs in the requested dtype (rounded); the unfused path gets them back as f32.
     const size_t el = dtype_size(dtype);
     std::vector<unsigned char> qs(qn * el), ks(kn * el), vs(kn * el);
@@ -193,6 +196,16 @@ int bench_kernel(int argc, char** argv) {
     const TensorView k(ks.data(), dtype, {batch, seq_len, kv_heads, d});
     const TensorView v(vs.data(), dtype, {batch, seq_len, kv_heads, d});
     const TensorView o(o_ours.data(), DType::kF32, {batch, seq_len, heads, d});
+    // The backward's inputs and outputs: dout in the dtype, lse from the forward, f32 grads.
+    std::vector<unsigned char> dos(qn * el);
+    convert(dof.data(), DType::kF32, dos.data(), dtype, static_cast<int64_t>(qn));
+    const TensorView dout(dos.data(), dtype, {batch, seq_len, heads, d});
+    std::vector<float> lse_buf(static_cast<size_t>(batch * heads * seq_len)), dq(qn), dk(kn),
+        dv(kn);
+    const TensorView lse(lse_buf.data(), DType::kF32, {batch, heads, seq_len});
+    const TensorView dqv(dq.data(), DType::kF32, {batch, seq_len, heads, d});
+    const TensorView dkv(dk.data(), DType::kF32, {batch, seq_len, kv_heads, d});
+    const TensorView dvv(dv.data(), DType::kF32, {batch, seq_len, kv_heads, d});
     std::vector<int64_t> pos(static_cast<size_t>(seq_len));
     for (int64_t i = 0; i < seq_len; ++i) pos[static_cast<size_t>(i)] = i;
 
@@ -208,14 +221,21 @@ int bench_kernel(int argc, char** argv) {
         unfused_attention(qf, kf, vf, o_unfused, batch, seq_len, heads, kv_heads, d, causal,
                           threads);
       });
+      cpu::attention(spec, q, pos.data(), k, v, pos.data(), nullptr, o, &lse, threads);
+      const double t_bwd = best_of(repeats, [&] {
+        cpu::attention_backward(spec, q, pos.data(), k, v, pos.data(), nullptr, o, lse, dout, dqv,
+                                dkv, dvv, nullptr, threads);
+      });
+      const double bwd = 2.5 * flops / t_bwd * 1e-9;
       double max_abs_diff = 0.0;
       for (size_t i = 0; i < qn; ++i) {
         max_abs_diff =
             std::max(max_abs_diff, static_cast<double>(std::fabs(o_ours[i] - o_unfused[i])));
       }
       const double ours = flops / t_ours * 1e-9, unfused = flops / t_unfused * 1e-9;
-      std::printf("%5lld  %6s  %12.1f  %8.1f%%  %14.1f  %11.2fx\n", static_cast<long long>(d),
-                  causal ? "yes" : "no", ours, 100.0 * ours / sgemm, unfused, ours / unfused);
+      std::printf("%5lld  %6s  %12.1f  %8.1f%%  %14.1f  %11.2fx  %11.1f  %8.1f%%\n",
+                  static_cast<long long>(d), causal ? "yes" : "no", ours, 100.0 * ours / sgemm,
+                  unfused, ours / unfused, bwd, 100.0 * bwd / sgemm);
       std::fflush(stdout);
       rows.push_back(Json()
                          .add("head_dim", d)
@@ -226,7 +246,10 @@ int bench_kernel(int argc, char** argv) {
                          .add("unfused_seconds", t_unfused)
                          .add("unfused_gflops", unfused)
                          .add("ours_over_unfused", ours / unfused)
-                         .add("max_abs_diff", max_abs_diff));
+                         .add("max_abs_diff", max_abs_diff)
+                         .add("backward_seconds", t_bwd)
+                         .add("backward_gflops", bwd)
+                         .add("backward_pct_of_sgemm", 100.0 * bwd / sgemm));
     }
   }
   if (!json_path.empty()) {
@@ -258,6 +281,8 @@ struct BenchEntry {
 const BenchEntry kBenches[] = {
     {"kernel", "CPU attention kernel vs cblas_sgemm and the unfused path", bench_kernel},
     {"ring", "the same problem on 1 rank and on P ranks (run under mpirun)", run_bench_ring},
+    {"decode", "KV cache decode latency per token, 1 rank and P ranks (run under mpirun)",
+     run_bench_decode},
 };
 
 std::string bench_names() {

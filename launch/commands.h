@@ -13,5 +13,11 @@ int run_infer(int argc, char** argv);
 int run_bench(int argc, char** argv);
 /// `ringattn bench ring` (argv[0] == "ring"): 1 rank vs P ranks in one mpirun.
 int run_bench_ring(int argc, char** argv);
+/// `ringattn bench decode` (argv[0] == "decode"): KV cache decode latency, 1 rank and P ranks.
+int run_bench_decode(int argc, char** argv);
+/// `ringattn plan`: the bytes each rank needs (no MPI), --solve max-seq-len | min-ranks.
+int run_plan(int argc, char** argv);
+/// `ringattn scale-test`: a sweep of real runs, measured peak memory against the plan.
+int run_scale_test(int argc, char** argv);
 
 }  // namespace ringattn::launch

@@ -3,16 +3,19 @@
 // position, head, dim), so the inputs, and therefore the outputs, do not depend on the number
 // of ranks or the layout. Rank 0 shows progress and a summary of where every rank's time went.
 
+#include <algorithm>
 #include <boost/program_options.hpp>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 
 #include "comm/mpi/mpi_communicator.h"
 #include "comm/mpi/mpi_session.h"
 #include "launch/commands.h"
 #include "launch/common.h"
+#include "launch/infer_decode.h"
 #include "launch/problem_flags.h"
 #include "ringattn/ring.h"
 #include "runtime/src/backend.h"
@@ -29,6 +32,8 @@ struct InferArgs {
   std::string backend = "auto", json;
   uint64_t seed = 1;
   int threads = 0;
+  int64_t decode_tokens = 0;
+  std::string stream_tokens, report_every;
   InferArgs() {
     problem.seq_len = "256k";
     problem.window = 4096;
@@ -53,7 +58,14 @@ int infer_main(MpiSession& session, int argc, char** argv) {
       "seed", po::value(&a.seed)->default_value(a.seed), "seed of the synthetic inputs")(
       "threads", po::value(&a.threads)->default_value(0),
       "CPU kernel threads per rank (0: cores / ranks on the node)")(
-      "json", po::value(&a.json), "also write the summary as JSON to this file");
+      "json", po::value(&a.json), "also write the summary as JSON to this file")(
+      "decode-tokens", po::value(&a.decode_tokens)->default_value(0),
+      "after the prefill, decode T tokens one at a time through the distributed KV cache")(
+      "stream-tokens", po::value(&a.stream_tokens),
+      "streaming mode (needs --window): stream N tokens through the cache after a prefill of "
+      "--seq-len tokens (default: one window), memory constant (suffixes k, M)")(
+      "report-every", po::value(&a.report_every),
+      "streaming: print memory every this many tokens (default: N / 16)");
 
   po::variables_map vm;
   ProblemFlags::Resolved p;
@@ -62,6 +74,20 @@ int infer_main(MpiSession& session, int argc, char** argv) {
   agree(comm, [&] {
     help = parse_options(argc, argv, desc, vm);
     if (help) return;
+    const bool stream = vm.count("stream-tokens") > 0;
+    RINGATTN_CHECK(a.decode_tokens >= 0, "--decode-tokens must be >= 0, got ", a.decode_tokens);
+    RINGATTN_CHECK(!(stream && a.decode_tokens > 0),
+                   "--stream-tokens and --decode-tokens cannot be combined");
+    if (stream) {
+      RINGATTN_CHECK(a.problem.window > 0,
+                     "--stream-tokens needs --window W > 0 (streaming keeps sinks + the last W)");
+      a.decode_tokens = parse_count(a.stream_tokens, "--stream-tokens");
+      RINGATTN_CHECK(a.decode_tokens > 0, "--stream-tokens must be > 0");
+      // Streaming is about decode: unless told otherwise, prefill just one window.
+      if (vm["seq-len"].defaulted()) {
+        a.problem.seq_len = std::to_string(std::max<int64_t>(a.problem.window, 4 * world));
+      }
+    }
     p = a.problem.resolve();
     RINGATTN_CHECK(a.layers > 0, "--layers must be > 0, got ", a.layers);
     const Backend backend = select_backend(parse_backend(a.backend), rank == 0);
@@ -101,6 +127,37 @@ int infer_main(MpiSession& session, int argc, char** argv) {
     std::fflush(stdout);
   }
 
+  // One distributed KV cache per layer when decoding follows; sized here, before any token.
+  std::unique_ptr<InferDecode> decoder;
+  if (a.decode_tokens > 0) {
+    DecodeSetup ds;
+    ds.cache.spec = spec;
+    ds.cache.batch = B;
+    ds.cache.heads = H;
+    ds.cache.kv_heads = Hkv;
+    ds.cache.head_dim = D;
+    ds.cache.dtype = dtype;
+    ds.cache.prefill_len = seq_len;
+    ds.cache.max_len = seq_len + a.decode_tokens;
+    ds.cache.max_step_tokens = 1;
+    ds.cache.num_threads = options.num_threads;
+    ds.layers = a.layers;
+    ds.tokens = a.decode_tokens;
+    ds.streaming = vm.count("stream-tokens") > 0;
+    ds.report_every = ds.streaming ? std::max<int64_t>(1, a.decode_tokens / 16) : 0;
+    if (vm.count("report-every")) ds.report_every = parse_count(a.report_every, "--report-every");
+    ds.seed = a.seed;
+    decoder = std::make_unique<InferDecode>(comm, ds);
+    if (rank == 0) {
+      std::printf(
+          "  KV cache: %lld token slots per rank per layer (%s per rank, all layers)%s\n",
+          static_cast<long long>(decoder->cache(0).capacity()),
+          format_bytes(static_cast<double>(decoder->cache(0).capacity_bytes()) * a.layers).c_str(),
+          spec.window > 0 ? ", streaming: sinks + the last window" : "");
+      std::fflush(stdout);
+    }
+  }
+
   Progress progress("prefill", a.layers, rank == 0);
   RingStats total;
   double generate_s = 0.0, o_checksum = 0.0;
@@ -112,7 +169,8 @@ int infer_main(MpiSession& session, int argc, char** argv) {
     fill_synthetic(shard, B, Hkv, D, a.seed, layer, 1, dtype, kb.data());
     fill_synthetic(shard, B, Hkv, D, a.seed, layer, 2, dtype, vb.data());
     generate_s += now_seconds() - g0;
-    const RingStats st = forward(comm, spec, seq_len, q, k, v, nullptr, o, &lse, options);
+    const RingStats st = decoder ? decoder->cache(layer).prefill(q, k, v, nullptr, o, &lse, options)
+                                 : forward(comm, spec, seq_len, q, k, v, nullptr, o, &lse, options);
     total.compute_s += st.compute_s;
     total.comm_wait_s += st.comm_wait_s;
     total.broadcast_s += st.broadcast_s;
@@ -130,6 +188,11 @@ int infer_main(MpiSession& session, int argc, char** argv) {
   comm.barrier();
   const double wall = now_seconds() - t0;
   progress.finish();
+  Json decode_json;
+  if (decoder) {
+    decoder->run();
+    decode_json = decoder->report();
+  }
 
   // Gather per-rank figures: each rank fills its row, a sum-allreduce gives everyone the table.
   constexpr int kCols = 8;
@@ -196,6 +259,7 @@ int infer_main(MpiSession& session, int argc, char** argv) {
           .add("ring_steps", total.ring_steps)
           .add("output_checksum", checksum)
           .add("per_rank", ranks);
+      if (decoder) j.add("decode", decode_json);
       j.write_file(a.json);
     }
   }

@@ -19,7 +19,9 @@ void print_usage(FILE* out) {
                "commands:\n"
                "  attend   attention over .npy files, sharded across ranks (SPEC section 7)\n"
                "  infer    long-context prefill over synthetic inputs (the main job)\n"
-               "  bench    benchmarks: 'bench kernel' (CPU kernel vs sgemm), 'bench ring'\n",
+               "  bench    benchmarks: 'bench kernel' (CPU kernel vs sgemm), 'bench ring'\n"
+               "  plan     bytes each rank needs, largest N / smallest P that fits (no MPI)\n"
+               "  scale-test  real runs over a sweep of N: measured peak memory against the plan\n",
                RINGATTN_VERSION);
 }
 
@@ -40,6 +42,8 @@ int main(int argc, char** argv) {
     if (cmd == "attend") return ringattn::launch::run_attend(argc - 1, argv + 1);
     if (cmd == "infer") return ringattn::launch::run_infer(argc - 1, argv + 1);
     if (cmd == "bench") return ringattn::launch::run_bench(argc - 1, argv + 1);
+    if (cmd == "plan") return ringattn::launch::run_plan(argc - 1, argv + 1);
+    if (cmd == "scale-test") return ringattn::launch::run_scale_test(argc - 1, argv + 1);
     std::fprintf(stderr, "ringattn: unknown command '%s' (see ringattn --help)\n", cmd.c_str());
     return 2;
   } catch (const std::exception& e) {

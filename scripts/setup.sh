@@ -9,6 +9,9 @@ packages=(
   libopenblas-dev                     # CBLAS for the CPU kernel
   libboost-program-options-dev        # the ringattn program's flags
   libgtest-dev libgmock-dev           # tests
+  python3-dev python3-pybind11        # the Python package (ringattn._C) for /usr/bin/python3
+  python3-torch python3-numpy         # ringattn.torch, its tests and examples/train_lm.py
+  python3-pytest python3-matplotlib   # Python tests (ctest), the training plot
 )
 
 missing=()

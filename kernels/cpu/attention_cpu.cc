@@ -15,12 +15,21 @@
 
 #include <cblas.h>
 
+#include "kernels/cpu/attention_tiles.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/cpu/vec_math.h"
 #include "kernels/softmax_state.h"
 
 namespace ringattn::cpu {
 namespace {
+
+using detail::bounds_of;
+using detail::Bounds;
+using detail::classify;
+using detail::mask_row;
+using detail::reserve_exact;
+using detail::rows_as_f32;
+using detail::TileKind;
 
 // Tile sizes. A query tile is the M of both products; a key tile is the N of Q K^T and the K of
 // P V. OpenBLAS packs both operands on every call, so large tiles amortise the packing: on the
@@ -39,43 +48,6 @@ constexpr int64_t kMinTileK = 64;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// How a (query tile, key tile) pair relates to the mask.
-enum class TileKind { kSkip, kFull, kPartial };
-
-struct Bounds {
-  int64_t lo = std::numeric_limits<int64_t>::max();
-  int64_t hi = std::numeric_limits<int64_t>::min();
-};
-
-Bounds bounds_of(const int64_t* pos, int64_t begin, int64_t end) {
-  Bounds b;
-  for (int64_t i = begin; i < end; ++i) {
-    b.lo = std::min(b.lo, pos[i]);
-    b.hi = std::max(b.hi, pos[i]);
-  }
-  return b;
-}
-
-// Decides from the bounding box of positions alone: every (i, j) of the tile lies in
-// [q.lo, q.hi] x [k.lo, k.hi], so "no point of the box is visible" implies the tile is fully
-// masked and "every point of the box is visible" implies no element needs the mask, whatever
-// the order of the positions inside. Anything else is kPartial (exact per-element mask).
-TileKind classify(const AttentionSpec& spec, Bounds q, Bounds k) {
-  // Some visible pair must have j <= i (causal) and, unless a key may be a sink, |i - j| < W.
-  if (spec.causal && k.lo > q.hi) return TileKind::kSkip;
-  if (spec.window > 0 && k.lo >= spec.sinks) {
-    // i - j ranges over [q.lo - k.hi, q.hi - k.lo].
-    if (q.lo - k.hi >= spec.window) return TileKind::kSkip;
-    if (!spec.causal && k.lo - q.hi >= spec.window) return TileKind::kSkip;
-  }
-  const bool causal_ok = !spec.causal || k.hi <= q.lo;
-  bool window_ok = spec.window == 0 || k.hi < spec.sinks;
-  if (!window_ok) {
-    window_ok = q.hi - k.lo < spec.window && (spec.causal || k.hi - q.lo < spec.window);
-  }
-  return causal_ok && window_ok ? TileKind::kFull : TileKind::kPartial;
-}
-
 // Per-thread buffers, reused across calls: the score tile and f32 copies of q/k/v tiles when
 // the inputs are bf16/f16 (or rows are not usable in place). Accounted as kernel workspace.
 struct Scratch {
@@ -87,49 +59,40 @@ Scratch& thread_scratch() {
   return scratch;
 }
 
-// Pointer and row stride (elements) of `rows` rows of one head of a [B, N, H, D] tensor as f32:
-// in place when the tensor is f32 with a BLAS-compatible row stride, else converted to buf.
-const float* rows_as_f32(const TensorView& t, int64_t b, int64_t n0, int64_t rows, int64_t h,
-                         HostVector<float>& buf, int64_t* ld) {
-  const int64_t d = t.size(3);
-  const int64_t base = b * t.stride(0) + n0 * t.stride(1) + h * t.stride(2);
-  if (t.dtype() == DType::kF32 && (t.stride(1) >= d || rows == 1)) {
-    *ld = std::max(t.stride(1), d);
-    return t.data_as<const float>() + base;
+// The tiling of a fold of q_len queries for bh = batch x heads rows with `threads` threads: the
+// one choice both fold_block and fold_workspace_bytes use.
+struct Tiles {
+  int64_t tile_q = kTileQ, tile_k = kTileK;
+  int64_t q_tiles = 0;  // work items are bh x q_tiles
+};
+
+Tiles choose_tiles(const AttentionSpec& spec, int64_t bh, int64_t q_len, int threads) {
+  Tiles t;
+  auto tiles_of = [&](int64_t tile) { return (q_len + tile - 1) / tile; };
+  while (t.tile_q > kMinTileQ && bh * tiles_of(t.tile_q) < 2 * threads) t.tile_q /= 2;
+  t.q_tiles = tiles_of(t.tile_q);
+  if (spec.window > 0) {
+    t.tile_k = std::clamp((spec.window + kMinTileK - 1) / kMinTileK * kMinTileK, kMinTileK, kTileK);
   }
-  buf.resize(static_cast<size_t>(rows * d));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t off = base + r * t.stride(1);
-    float* dst = buf.data() + r * d;
-    switch (t.dtype()) {
-      case DType::kBF16: {
-        const BF16* src = t.data_as<const BF16>() + off;
-        for (int64_t c = 0; c < d; ++c) dst[c] = bf16_to_float(src[c]);
-        break;
-      }
-      case DType::kF16: {
-        const F16* src = t.data_as<const F16>() + off;
-        for (int64_t c = 0; c < d; ++c) dst[c] = f16_to_float(src[c]);
-        break;
-      }
-      default: std::memcpy(dst, t.data_as<const float>() + off, static_cast<size_t>(d) * 4); break;
-    }
-  }
-  *ld = d;
-  return buf.data();
+  return t;
 }
 
-// Sets masked logits of one score row to -inf. Branch-free so that it vectorises.
-void mask_row(const AttentionSpec& spec, int64_t qi, const int64_t* k_pos, float* s, int64_t n) {
-  const bool causal = spec.causal;
-  const int64_t w = spec.window, sinks = spec.sinks;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t kj = k_pos[j];
-    const int64_t d = qi - kj;
-    const bool in_window = w == 0 || kj < sinks || (d < w && (causal || -d < w));
-    const bool vis = (!causal || kj <= qi) && in_window;
-    s[j] = vis ? s[j] : kNegInf;
+// Floats of each per-thread buffer (Scratch) for one fold: the score tile always, f32 copies of
+// q rows and k, v key tiles only when the inputs are converted (not f32).
+struct ScratchFloats {
+  int64_t s = 0, q = 0, k = 0, v = 0;
+  int64_t total() const { return s + q + k + v; }
+};
+
+ScratchFloats scratch_floats(const Tiles& t, int64_t q_len, int64_t kv_len, int64_t head_dim,
+                             bool convert) {
+  ScratchFloats f;
+  f.s = t.tile_q * t.tile_k;
+  if (convert) {
+    f.q = std::min(t.tile_q, q_len) * head_dim;
+    f.k = f.v = std::min(t.tile_k, kv_len) * head_dim;
   }
+  return f;
 }
 
 struct Problem {
@@ -142,35 +105,6 @@ struct Problem {
   std::vector<int64_t> k_begin;
   std::vector<Bounds> k_bounds;
 };
-
-// Cuts the block's keys into tiles of at most tile_k. With a window and sinks, a new tile also
-// starts wherever a run of sink keys (position < S) begins or ends: the sinks are visible to
-// every query, so a tile mixing them with ordinary keys could never be skipped and every query
-// tile would pay for a whole key tile. Arbitrary (unsorted) positions could make that
-// cutting degenerate; then we keep plain fixed-size tiles.
-void make_key_tiles(const AttentionSpec& spec, const int64_t* k_pos, int64_t kv_len,
-                    int64_t tile_k, Problem& p) {
-  const int64_t regular = (kv_len + tile_k - 1) / tile_k;
-  p.k_begin.clear();
-  if (spec.window > 0 && spec.sinks > 0) {
-    int64_t start = 0;
-    for (int64_t j = 1; j <= kv_len; ++j) {
-      if (j == kv_len || j - start == tile_k || (k_pos[j] < spec.sinks) != (k_pos[j - 1] < spec.sinks)) {
-        p.k_begin.push_back(start);
-        start = j;
-      }
-    }
-    if (static_cast<int64_t>(p.k_begin.size()) > regular + 8) p.k_begin.clear();
-  }
-  if (p.k_begin.empty()) {
-    for (int64_t t = 0; t < regular; ++t) p.k_begin.push_back(t * tile_k);
-  }
-  p.k_begin.push_back(kv_len);
-  p.k_bounds.clear();
-  for (size_t t = 0; t + 1 < p.k_begin.size(); ++t) {
-    p.k_bounds.push_back(bounds_of(k_pos, p.k_begin[t], p.k_begin[t + 1]));
-  }
-}
 
 // Rows [r0, r1) of a query tile against one key tile: S = scale Q K^T, mask (kPartial), online
 // softmax of each row, acc += P V. qp, m, l and acc point at row 0 of the tile.
@@ -236,9 +170,17 @@ void fold_item(const Problem& p, const TensorView& q, const int64_t* q_pos, cons
     sub_bounds.push_back(bounds_of(q_pos, q0 + r, q0 + std::min(rows, r + kSubTileQ)));
   }
 
+  // Every buffer gets its whole capacity at once, so no growth pattern depends on which item a
+  // thread runs first (fold_workspace_bytes counts this).
   Scratch& scratch = thread_scratch();
-  scratch.s.resize(static_cast<size_t>(p.tile_q * p.tile_k));
+  const ScratchFloats sf = scratch_floats(Tiles{p.tile_q, p.tile_k, p.q_tiles}, s.q_len, s.kv_len,
+                                          d, q.dtype() != DType::kF32);
+  reserve_exact(scratch.s, sf.s);
+  scratch.s.resize(static_cast<size_t>(sf.s));
   float* sc = scratch.s.data();
+  reserve_exact(scratch.q, sf.q);
+  reserve_exact(scratch.k, sf.k);
+  reserve_exact(scratch.v, sf.v);
   TileArgs t{};
   t.q_pos = q_pos + q0;
   t.m = state.m() + (b * s.heads + h) * s.q_len + q0;
@@ -307,6 +249,19 @@ int default_num_threads() {
   return hw == 0 ? 1 : static_cast<int>(hw);
 }
 
+int64_t fold_workspace_bytes(const AttentionSpec& spec, int64_t batch, int64_t heads,
+                             int64_t head_dim, int64_t q_len, int64_t kv_len, DType dtype,
+                             int num_threads) {
+  if (batch == 0 || heads == 0 || q_len == 0 || kv_len == 0) return 0;
+  const int threads = num_threads == 0 ? default_num_threads() : num_threads;
+  const int64_t bh = batch * heads;
+  const Tiles t = choose_tiles(spec, bh, q_len, threads);
+  // Every thread that runs an item holds the buffers of a whole tile.
+  const int64_t executors = std::min<int64_t>(threads, bh * t.q_tiles);
+  return executors * scratch_floats(t, q_len, kv_len, head_dim, dtype != DType::kF32).total() *
+         static_cast<int64_t>(sizeof(float));
+}
+
 FoldStats fold_block(const AttentionSpec& spec, const TensorView& q, const int64_t* q_pos,
                      const TensorView& k, const TensorView& v, const int64_t* k_pos,
                      SoftmaxStateCpu& state, int num_threads) {
@@ -332,13 +287,11 @@ FoldStats fold_block(const AttentionSpec& spec, const TensorView& q, const int64
   p.scale = effective_scale(spec, s.head_dim);
   const int threads = num_threads == 0 ? default_num_threads() : num_threads;
   const int64_t bh = s.batch * s.heads;
-  auto tiles_of = [&](int64_t tile) { return (s.q_len + tile - 1) / tile; };
-  while (p.tile_q > kMinTileQ && bh * tiles_of(p.tile_q) < 2 * threads) p.tile_q /= 2;
-  p.q_tiles = tiles_of(p.tile_q);
-  if (spec.window > 0) {
-    p.tile_k = std::clamp((spec.window + kMinTileK - 1) / kMinTileK * kMinTileK, kMinTileK, kTileK);
-  }
-  make_key_tiles(spec, k_pos, s.kv_len, p.tile_k, p);
+  const Tiles tiles = choose_tiles(spec, bh, s.q_len, threads);
+  p.tile_q = tiles.tile_q;
+  p.tile_k = tiles.tile_k;
+  p.q_tiles = tiles.q_tiles;
+  make_key_tiles(spec, k_pos, s.kv_len, p.tile_k, p.k_begin, p.k_bounds);
 
   // Items ordered by query tile, last tile first: with contiguous causal positions those see
   // the most keys, and handing out the heavy items first balances the dynamic schedule.

@@ -62,6 +62,13 @@ FoldStats fold_block(const AttentionSpec& spec, const TensorView& q, const int64
                      const TensorView& k, const TensorView& v, const int64_t* k_pos,
                      SoftmaxStateCpu& state, int num_threads = 0);
 
+/// Bytes of kernel workspace (accounted, per thread, kept between calls) that fold_block holds
+/// after folding kv_len keys into q_len queries of this shape and dtype (q and k/v rows in
+/// [B, N, H, D] layout), with num_threads (0 = default) threads: the memory planner's figure.
+int64_t fold_workspace_bytes(const AttentionSpec& spec, int64_t batch, int64_t heads,
+                             int64_t head_dim, int64_t q_len, int64_t kv_len, DType dtype,
+                             int num_threads);
+
 /// Normalises the state: o = acc / l (with learned sink logits [H] f32 in the denominator when
 /// sink_logits is non-null and defined), lse [B, H, Nq] f32 natural log (lse may be null).
 /// o is [B, Nq, H, D] of any dtype (written with round to nearest even).

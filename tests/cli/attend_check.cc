@@ -1,6 +1,8 @@
 // Helper of the `ringattn attend` tests: makes seeded inputs and the f64 oracle's answer as
 // .npy files, and compares outputs against them.
 //   attend_check gen DIR B N H H_kv D SEED [--causal] [--window W] [--sinks S] [--sink-logits]
+// gen writes q, k, v, (z,) dout and the oracle's o_ref, lse_ref, dq_ref, dk_ref, dv_ref and
+// dsink_ref (zeros without --sink-logits).
 //   attend_check compare GOT.npy WANT.npy TOL
 // compare prints the normalised error and exits 1 when it exceeds TOL (or on NaN or a shape
 // mismatch); -inf must match -inf exactly.
@@ -63,6 +65,19 @@ int gen(int argc, char** argv) {
   std::vector<float> o(r.o.begin(), r.o.end()), lse(r.lse.begin(), r.lse.end());
   npy::write_f32(dir + "/o_ref.npy", {B, N, H, D}, o.data());
   npy::write_f32(dir + "/lse_ref.npy", {B, H, N}, lse.data());
+  // The backward: drawn after the forward's inputs, so those stay what they were.
+  std::vector<float> dout(q.size());
+  for (float& x : dout) x = nd(rng);
+  npy::write_f32(dir + "/dout.npy", {B, N, H, D}, dout.data());
+  const TensorView tdo(dout.data(), DType::kF32, {B, N, H, D});
+  const ref::RefGrads g = ref::attention_backward(spec, tq, pos.data(), tk, tv, pos.data(),
+                                                  with_z ? &tz : nullptr, tdo);
+  const std::vector<float> dq(g.dq.begin(), g.dq.end()), dk(g.dk.begin(), g.dk.end()),
+      dv(g.dv.begin(), g.dv.end()), dsink(g.dsink.begin(), g.dsink.end());
+  npy::write_f32(dir + "/dq_ref.npy", {B, N, H, D}, dq.data());
+  npy::write_f32(dir + "/dk_ref.npy", {B, N, Hkv, D}, dk.data());
+  npy::write_f32(dir + "/dv_ref.npy", {B, N, Hkv, D}, dv.data());
+  npy::write_f32(dir + "/dsink_ref.npy", {H}, dsink.data());
   return 0;
 }
 

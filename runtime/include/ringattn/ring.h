@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "comm/communicator.h"
 #include "ringattn/attention.h"
@@ -46,6 +47,19 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
                   const TensorView* sink_logits, const TensorView& o, const TensorView* lse,
                   const RingOptions& options = {});
 
+/// Ring attention backward (SPEC section 5) for this rank's shard, with the forward's o and lse
+/// and the output gradient dout (q's shape). K/V blocks travel as in the forward, their dk/dv
+/// f32 accumulators travel with them (one hop behind, overlapping the next block's compute) and
+/// go straight back to their owner after the last rank that needs them; the sinks' dk/dv are
+/// summed over all ranks into rank 0's positions 0..S-1. Writes dq (q's shape), dk and dv (k's
+/// shape), any dtype; dsink ([H] f32, may be null) gets dz summed over all ranks, the same on
+/// every rank (zeros without sink_logits). Agreement and errors as forward(). Blocking.
+RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len,
+                   const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& o, const TensorView& lse, const TensorView& dout,
+                   const TensorView* sink_logits, const TensorView& dq, const TensorView& dk,
+                   const TensorView& dv, const TensorView* dsink, const RingOptions& options = {});
+
 /// An Error every rank of the communicator raised together (through agree()): the ranks are
 /// still in step, so a program may shut down normally instead of aborting the job.
 class AgreedError : public Error {
@@ -60,26 +74,38 @@ template <typename Fn>
 void agree(Communicator& comm, Fn&& local_step);
 
 namespace detail {
+/// What a rank's local step did: threw (with the error's code and message) or not.
+struct LocalStatus {
+  bool failed = false;
+  ErrorCode code = ErrorCode::kInternal;
+  std::string message;
+};
+
+/// Runs `local_step`, turning any exception into a LocalStatus (the local half of agree()).
+template <typename Fn>
+LocalStatus run_local(Fn&& local_step) {
+  LocalStatus s;
+  try {
+    local_step();
+  } catch (const Error& e) {
+    s.failed = true;
+    s.code = e.code();
+    s.message = e.message();
+  } catch (const std::exception& e) {
+    s.failed = true;
+    s.message = e.what();
+  }
+  return s;
+}
+
 /// Non-template part of agree(): `failed` and `message` describe this rank's local step.
 void agree_status(Communicator& comm, bool failed, ErrorCode code, const std::string& message);
 }  // namespace detail
 
 template <typename Fn>
 void agree(Communicator& comm, Fn&& local_step) {
-  bool failed = false;
-  ErrorCode code = ErrorCode::kInternal;
-  std::string message;
-  try {
-    local_step();
-  } catch (const Error& e) {
-    failed = true;
-    code = e.code();
-    message = e.message();
-  } catch (const std::exception& e) {
-    failed = true;
-    message = e.what();
-  }
-  detail::agree_status(comm, failed, code, message);
+  const detail::LocalStatus s = detail::run_local(std::forward<Fn>(local_step));
+  detail::agree_status(comm, s.failed, s.code, s.message);
 }
 
 }  // namespace ringattn

@@ -1,0 +1,185 @@
+// `ringattn plan`: the bytes each rank needs, before anything runs. A pure computation (no MPI):
+// it evaluates the runtime's own ring plan, so it answers in milliseconds even for P = 1024.
+
+#include "ringattn/plan.h"
+
+#include <algorithm>
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <iostream>
+
+#include "launch/commands.h"
+#include "launch/common.h"
+#include "launch/plan_report.h"
+#include "launch/problem_flags.h"
+
+namespace po = boost::program_options;
+
+namespace ringattn::launch {
+namespace {
+
+struct PlanArgs {
+  ProblemFlags problem;
+  int ranks = 1, threads = 0;
+  std::string mode = "forward", gpu_mem, solve, json, cache_tokens = "0";
+  PlanArgs() { problem.seq_len = "1M"; }
+};
+
+// The ranks shown as table columns: all of them up to 8, else the first, the largest and the
+// last.
+std::vector<int> shown_ranks(const MemoryPlan& plan) {
+  const int p = static_cast<int>(plan.ranks.size());
+  std::vector<int> out;
+  if (p <= 8) {
+    for (int r = 0; r < p; ++r) out.push_back(r);
+  } else {
+    out = {0, plan.max_rank, p - 1};
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+  }
+  return out;
+}
+
+void print_table(const MemoryPlan& plan) {
+  const std::vector<int> cols = shown_ranks(plan);
+  std::printf("\n  %-22s", "bytes per rank");
+  for (int r : cols) std::printf(" %12s", ("rank " + std::to_string(r)).c_str());
+  std::printf("\n  %-22s", "tokens");
+  for (int r : cols) std::printf(" %12lld", static_cast<long long>(plan.ranks[r].tokens));
+  std::printf("\n");
+  const auto names = memory_components(plan, plan.ranks[0]);
+  for (size_t i = 0; i < names.size(); ++i) {
+    std::printf("  %-22s", names[i].first.c_str());
+    for (int r : cols) {
+      const int64_t bytes = memory_components(plan, plan.ranks[r])[i].second;
+      std::printf(" %12s", format_bytes(static_cast<double>(bytes)).c_str());
+    }
+    std::printf("\n");
+  }
+  std::printf(
+      "  (peak is the high-water mark, not the sum: the sink copy and the ring buffers,\n"
+      "   and the forward's and the backward's buffers, are never held at once)\n");
+  if (plan.input.mode == PlanMode::kTrain) {
+    std::printf(
+        "  (train: dout, dq, dk, dv are allocated after the forward; the backward holds\n"
+        "   sink_copy again during its sink phase)\n");
+  }
+  if (plan.input.mode == PlanMode::kInfer) {
+    std::printf("  (infer: the KV cache is modelled from SPEC section 6)\n");
+  }
+}
+
+int plan_main(int argc, char** argv) {
+  PlanArgs a;
+  po::options_description desc(
+      "usage: ringattn plan [options]\n"
+      "The bytes each rank needs for one attention call (no MPI; answers at once). Options");
+  desc.add_options()("help,h", "show this help");
+  a.problem.add_to(desc);
+  desc.add_options()("ranks", po::value(&a.ranks)->default_value(a.ranks), "ranks P")(
+      "mode", po::value(&a.mode)->default_value(a.mode),
+      "forward | train (forward + backward) | infer (forward prefill + KV cache)")(
+      "cache-tokens", po::value(&a.cache_tokens)->default_value(a.cache_tokens),
+      "infer: KV cache capacity in tokens per rank (0: the largest prefill shard)")(
+      "threads", po::value(&a.threads)->default_value(0),
+      "CPU kernel threads per rank (0: as ringattn would use on this machine with P ranks)")(
+      "gpu-mem", po::value(&a.gpu_mem),
+      "memory per rank, e.g. 80GiB: says whether the plan fits (needed by --solve)")(
+      "solve", po::value(&a.solve),
+      "max-seq-len (largest --seq-len that fits) | min-ranks (smallest --ranks that fits)")(
+      "json", po::value(&a.json), "also write the plan as JSON to this file ('-': stdout only)");
+  po::variables_map vm;
+  if (parse_options(argc, argv, desc, vm)) {
+    std::cout << desc << "\n";
+    return 0;
+  }
+  const ProblemFlags::Resolved p = a.problem.resolve();
+  const PlanMode mode = parse_plan_mode(a.mode);
+  RINGATTN_CHECK(a.ranks >= 1, "--ranks must be >= 1, got ", a.ranks);
+  RINGATTN_CHECK(a.threads >= 0, "--threads must be >= 0, got ", a.threads);
+  const int64_t cache_tokens = parse_count(a.cache_tokens, "--cache-tokens");
+  const int64_t budget = a.gpu_mem.empty() ? 0 : parse_bytes(a.gpu_mem, "--gpu-mem");
+  RINGATTN_CHECK(a.solve.empty() || a.solve == "max-seq-len" || a.solve == "min-ranks",
+                 "--solve must be max-seq-len or min-ranks, got '", a.solve, "'");
+  RINGATTN_CHECK(a.solve.empty() || budget > 0, "--solve ", a.solve, " needs --gpu-mem");
+
+  const int threads = a.threads > 0 ? a.threads : threads_per_rank(a.ranks);
+  PlanInput in = make_plan_input(a.problem, p, a.ranks, mode, threads, cache_tokens);
+  Json solved;
+  if (a.solve == "max-seq-len") {
+    const int64_t n = max_seq_len(in, budget);
+    RINGATTN_CHECK(n > 0, "no sequence length fits in ", a.gpu_mem, " per rank at P=", a.ranks);
+    in.seq_len = n;
+    solved.add("max_seq_len", n);
+  } else if (a.solve == "min-ranks") {
+    const int ranks = min_ranks(in, budget);
+    RINGATTN_CHECK(ranks > 0, "no rank count up to min(N, 65536) fits N=", p.seq_len, " in ",
+                   a.gpu_mem, " per rank");
+    in.ranks = ranks;
+    if (a.threads == 0) in.threads = threads_per_rank(ranks);
+    solved.add("min_ranks", ranks);
+  }
+  const MemoryPlan plan = plan_memory(in);
+  const RankMemory& worst = plan.ranks[plan.max_rank];
+
+  ProblemFlags::Resolved shown = p;
+  shown.seq_len = in.seq_len;
+  if (a.json != "-") {
+    std::printf("ringattn plan: P=%d %s mode=%s threads/rank=%d\n", in.ranks,
+                a.problem.describe(shown).c_str(), plan_mode_name(mode), in.threads);
+    std::printf("  ring: %d forward hops, %d backward hops\n", plan.forward_hops,
+                plan.backward_hops);
+    if (a.solve == "max-seq-len") {
+      std::printf("  largest N that fits in %s per rank: %lld\n", a.gpu_mem.c_str(),
+                  static_cast<long long>(in.seq_len));
+    } else if (a.solve == "min-ranks") {
+      std::printf("  smallest P that fits in %s per rank: %d\n", a.gpu_mem.c_str(), in.ranks);
+    }
+    print_table(plan);
+    std::printf("\n  peak per rank: %s (rank %d)", format_bytes(worst.peak).c_str(), worst.rank);
+    if (budget > 0) {
+      std::printf(", %s %s (%.1f%%)", worst.peak <= budget ? "fits in" : "DOES NOT fit in",
+                  a.gpu_mem.c_str(), 100.0 * worst.peak / budget);
+    }
+    std::printf("\n");
+  }
+  if (!a.json.empty()) {
+    std::vector<Json> ranks;
+    for (const RankMemory& m : plan.ranks) ranks.push_back(rank_memory_json(plan, m));
+    Json j;
+    j.add("command", "plan")
+        .add("seq_len", in.seq_len)
+        .add("ranks", in.ranks)
+        .add("batch", in.batch)
+        .add("heads", in.heads)
+        .add("kv_heads", in.kv_heads)
+        .add("head_dim", in.head_dim)
+        .add("causal", in.spec.causal)
+        .add("window", in.spec.window)
+        .add("sinks", in.spec.sinks)
+        .add("layout", layout_name(plan.layout))
+        .add("dtype", dtype_name(in.dtype))
+        .add("mode", plan_mode_name(mode))
+        .add("threads", in.threads)
+        .add("cache_tokens", cache_tokens)
+        .add("forward_hops", plan.forward_hops)
+        .add("backward_hops", plan.backward_hops)
+        .add("peak", worst.peak)
+        .add("max_rank", plan.max_rank);
+    if (budget > 0) j.add("gpu_mem", budget).add("fits", worst.peak <= budget);
+    if (!a.solve.empty()) j.add("solve", solved);
+    j.add("per_rank", ranks);
+    if (a.json == "-") {
+      std::printf("%s\n", j.str().c_str());
+    } else {
+      j.write_file(a.json);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_plan(int argc, char** argv) { return plan_main(argc, argv); }
+
+}  // namespace ringattn::launch

@@ -1,0 +1,273 @@
+// `ringattn scale-test`: proves the planner. For each mode and sequence length of a sweep, every
+// rank allocates its shards through the accounting allocator, runs the real ring, and reports
+// the planned bytes next to the measured peak of the allocator and the process's peak resident
+// memory. Lengths run in increasing order: the kernels' per-thread workspaces are kept between
+// calls and only grow, so a run never inherits a larger workspace than its own plan counts. The
+// plan is the steady state with the workspaces in place; the first run of a mode, which starts
+// without some of them, may measure a little less.
+
+#include <algorithm>
+#include <boost/program_options.hpp>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "comm/mpi/mpi_communicator.h"
+#include "launch/commands.h"
+#include "launch/common.h"
+#include "launch/plan_report.h"
+#include "launch/problem_flags.h"
+#include "ringattn/memory.h"
+#include "ringattn/plan.h"
+#include "ringattn/ring.h"
+#include "runtime/src/sharding.h"
+
+namespace po = boost::program_options;
+
+namespace ringattn::launch {
+namespace {
+
+struct ScaleArgs {
+  ProblemFlags problem;
+  std::string seq_lens = "64k,128k,256k,1M", modes = "forward", json, csv, plot;
+  int threads = 0;
+  uint64_t seed = 1;
+  ScaleArgs() {
+    problem.window = 4096;
+    problem.sinks = 4;
+  }
+};
+
+std::vector<std::string> split(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+// Peak resident memory since the last reset_peak_rss(): VmHWM, which Linux resets when "5" is
+// written to /proc/self/clear_refs. Returns false when the reset is not permitted (then VmHWM
+// is the peak since the process started).
+bool reset_peak_rss() {
+  std::ofstream out("/proc/self/clear_refs");
+  out << "5";
+  out.flush();
+  return out.good();
+}
+
+int64_t peak_rss_since_reset() {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;  // kB
+  }
+  return peak_rss_bytes();
+}
+
+// One rank's figures for one (mode, N).
+constexpr int kCols = 5;  // tokens, planned, measured, peak_rss, time_s
+
+// Allocates this rank's shards through the accounting allocator, fills them, runs the mode and
+// returns {tokens, planned, measured, peak_rss, time}.
+std::vector<double> run_one(MpiCommunicator& comm, const ScaleArgs& a,
+                            const ProblemFlags::Resolved& p, PlanMode mode, int threads,
+                            const MemoryPlan& plan) {
+  const int rank = comm.rank();
+  const Shard shard = make_shard(p.seq_len, comm.size(), rank, p.layout);
+  const int64_t n = shard.size(), B = a.problem.batch, H = a.problem.heads,
+                Hkv = a.problem.kv_heads, D = a.problem.head_dim;
+  const size_t es = dtype_size(p.dtype);
+  comm.barrier();
+  const bool rss_reset = reset_peak_rss();
+  reset_memory_peak(Device::kCPU);
+  double time_s = 0.0;
+  {
+    HostVector<char> qb(static_cast<size_t>(B * n * H * D) * es), ob(qb.size());
+    HostVector<char> kb(static_cast<size_t>(B * n * Hkv * D) * es), vb(kb.size());
+    HostVector<float> lseb(static_cast<size_t>(B * H * n));
+    fill_synthetic(shard, B, H, D, a.seed, 0, 0, p.dtype, qb.data());
+    fill_synthetic(shard, B, Hkv, D, a.seed, 0, 1, p.dtype, kb.data());
+    fill_synthetic(shard, B, Hkv, D, a.seed, 0, 2, p.dtype, vb.data());
+    const TensorView q(qb.data(), p.dtype, {B, n, H, D}), o(ob.data(), p.dtype, {B, n, H, D});
+    const TensorView k(kb.data(), p.dtype, {B, n, Hkv, D}), v(vb.data(), p.dtype, {B, n, Hkv, D});
+    const TensorView lse(lseb.data(), DType::kF32, {B, H, n});
+    RingOptions options;
+    options.num_threads = threads;
+    comm.barrier();
+    const double t0 = now_seconds();
+    forward(comm, p.spec, p.seq_len, q, k, v, nullptr, o, &lse, options);
+    if (mode == PlanMode::kTrain) {
+      // The gradient tensors exist only in train mode, as the plan counts them.
+      HostVector<char> dob(qb.size()), dqb(qb.size()), dkb(kb.size()), dvb(kb.size());
+      fill_synthetic(shard, B, H, D, a.seed, 0, 3, p.dtype, dob.data());
+      const TensorView dout(dob.data(), p.dtype, {B, n, H, D});
+      const TensorView dq(dqb.data(), p.dtype, {B, n, H, D});
+      const TensorView dk(dkb.data(), p.dtype, {B, n, Hkv, D});
+      const TensorView dv(dvb.data(), p.dtype, {B, n, Hkv, D});
+      backward(comm, p.spec, p.seq_len, q, k, v, o, lse, dout, nullptr, dq, dk, dv, nullptr,
+               options);
+    }
+    time_s = now_seconds() - t0;
+  }
+  const int64_t measured = memory_stats(Device::kCPU).peak_bytes;
+  const int64_t rss = rss_reset ? peak_rss_since_reset() : peak_rss_bytes();
+  return {static_cast<double>(n), static_cast<double>(plan.ranks[rank].peak),
+          static_cast<double>(measured), static_cast<double>(rss), time_s};
+}
+
+int scale_test_main(MpiSession& session, int argc, char** argv) {
+  MpiCommunicator comm(MPI_COMM_WORLD);
+  const int rank = comm.rank(), world = comm.size();
+  ScaleArgs a;
+  po::options_description desc(
+      "usage: mpirun -np P ringattn scale-test [options]\n"
+      "For each mode and N of the sweep: allocate, run the real ring, and report per rank the\n"
+      "planned bytes, the measured peak of the accounting allocator, peak RSS and time. Options");
+  desc.add_options()("help,h", "show this help");
+  a.problem.add_to(desc);
+  desc.add_options()("seq-lens", po::value(&a.seq_lens)->default_value(a.seq_lens),
+                     "comma-separated sequence lengths (run in increasing order; --seq-len is "
+                     "ignored)")("modes", po::value(&a.modes)->default_value(a.modes),
+                                 "comma-separated: forward, train (forward then backward)")(
+      "threads", po::value(&a.threads)->default_value(0),
+      "CPU kernel threads per rank (0: cores / ranks on the node)")(
+      "seed", po::value(&a.seed)->default_value(a.seed), "seed of the synthetic inputs")(
+      "json", po::value(&a.json), "write the results as JSON to this file")(
+      "csv", po::value(&a.csv), "write the results as CSV to this file (input of --plot)")(
+      "plot", po::value(&a.plot),
+      "plot memory per rank against N, measured and planned, to this PNG (needs matplotlib)");
+
+  po::variables_map vm;
+  bool help = false;
+  ProblemFlags::Resolved base;
+  std::vector<int64_t> lens;
+  std::vector<PlanMode> modes;
+  agree(comm, [&] {
+    help = parse_options(argc, argv, desc, vm);
+    if (help) return;
+    base = a.problem.resolve();
+    for (const std::string& s : split(a.seq_lens)) lens.push_back(parse_count(s, "--seq-lens"));
+    RINGATTN_CHECK(!lens.empty(), "--seq-lens is empty");
+    std::sort(lens.begin(), lens.end());
+    lens.erase(std::unique(lens.begin(), lens.end()), lens.end());
+    for (const std::string& s : split(a.modes)) modes.push_back(parse_plan_mode(s));
+    RINGATTN_CHECK(!modes.empty(), "--modes is empty");
+    for (PlanMode m : modes) {
+      RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, m != PlanMode::kInfer,
+                          "--modes infer needs the distributed KV cache, which this build does "
+                          "not have yet");
+    }
+    RINGATTN_CHECK(a.threads >= 0, "--threads must be >= 0, got ", a.threads);
+    for (int64_t n : lens) check_sharding(n, world, base.layout, base.spec.sinks);
+  });
+  if (help) {
+    if (rank == 0) std::cout << desc << "\n";
+    return 0;
+  }
+  const int threads = a.threads > 0 ? a.threads : threads_per_rank(session.local_size());
+  if (rank == 0) {
+    ProblemFlags::Resolved shown = base;
+    shown.seq_len = lens.back();
+    std::printf("ringattn scale-test: P=%d seq-lens=%s %s threads/rank=%d\n", world,
+                a.seq_lens.c_str(), a.problem.describe(shown).c_str(), threads);
+    std::printf("  %-8s %10s %5s %10s %12s %12s %8s %12s %9s\n", "mode", "seq_len", "rank",
+                "tokens", "planned", "measured", "ratio", "peak_rss", "time_s");
+    std::fflush(stdout);
+  }
+
+  std::vector<Json> rows;
+  std::ostringstream csv;
+  csv << "ranks,mode,seq_len,rank,tokens,planned_bytes,measured_bytes,peak_rss_bytes,time_s\n";
+  double worst = 0.0;
+  for (PlanMode mode : modes) {
+    for (int64_t n : lens) {
+      ProblemFlags::Resolved p = base;
+      p.seq_len = n;
+      const MemoryPlan plan =
+          plan_memory(make_plan_input(a.problem, p, world, mode, threads, /*cache_tokens=*/0));
+      std::vector<double> table(static_cast<size_t>(world * kCols), 0.0);
+      const std::vector<double> mine = run_one(comm, a, p, mode, threads, plan);
+      std::copy(mine.begin(), mine.end(), table.begin() + rank * kCols);
+      comm.allreduce(table.data(), table.size(), ReduceType::kF64, ReduceOp::kSum);
+      if (rank != 0) continue;
+      double time_s = 0.0;
+      for (int r = 0; r < world; ++r) time_s = std::max(time_s, table[r * kCols + 4]);
+      for (int r = 0; r < world; ++r) {
+        const double* t = &table[r * kCols];
+        const double ratio = t[1] > 0 ? t[2] / t[1] : 0.0;
+        worst = std::max(worst, std::fabs(ratio - 1.0));
+        std::printf("  %-8s %10lld %5d %10.0f %12s %12s %8.4f %12s %9.2f\n", plan_mode_name(mode),
+                    static_cast<long long>(n), r, t[0], format_bytes(t[1]).c_str(),
+                    format_bytes(t[2]).c_str(), ratio, format_bytes(t[3]).c_str(), t[4]);
+        std::fflush(stdout);
+        csv << world << "," << plan_mode_name(mode) << "," << n << "," << r << ","
+            << static_cast<int64_t>(t[0]) << "," << static_cast<int64_t>(t[1]) << ","
+            << static_cast<int64_t>(t[2]) << "," << static_cast<int64_t>(t[3]) << "," << t[4]
+            << "\n";
+        rows.push_back(Json()
+                           .add("mode", plan_mode_name(mode))
+                           .add("seq_len", n)
+                           .add("rank", r)
+                           .add("tokens", static_cast<int64_t>(t[0]))
+                           .add("planned_bytes", static_cast<int64_t>(t[1]))
+                           .add("measured_bytes", static_cast<int64_t>(t[2]))
+                           .add("peak_rss_bytes", static_cast<int64_t>(t[3]))
+                           .add("time_s", t[4])
+                           .add("plan", rank_memory_json(plan, plan.ranks[r])));
+      }
+    }
+  }
+  if (rank == 0) {
+    std::printf("  largest |measured / planned - 1| over every run and rank: %.2f%%\n",
+                100.0 * worst);
+    if (!a.csv.empty()) {
+      std::ofstream out(a.csv);
+      out << csv.str();
+      RINGATTN_CHECK_CODE(ErrorCode::kIo, out.good(), a.csv, ": cannot write CSV");
+    }
+    if (!a.json.empty()) {
+      Json j;
+      j.add("command", "scale-test")
+          .add("ranks", world)
+          .add("batch", a.problem.batch)
+          .add("heads", a.problem.heads)
+          .add("kv_heads", a.problem.kv_heads)
+          .add("head_dim", a.problem.head_dim)
+          .add("causal", base.spec.causal)
+          .add("window", base.spec.window)
+          .add("sinks", base.spec.sinks)
+          .add("layout", layout_name(base.layout))
+          .add("dtype", dtype_name(base.dtype))
+          .add("threads", threads)
+          .add("max_relative_error", worst)
+          .add("runs", rows);
+      j.write_file(a.json);
+    }
+    if (!a.plot.empty()) {
+      // The plot script reads CSVs; without --csv the results go to a file next to the plot.
+      const std::string csv_path = a.csv.empty() ? a.plot + ".csv" : a.csv;
+      if (a.csv.empty()) {
+        std::ofstream out(csv_path);
+        out << csv.str();
+      }
+      const std::string cmd = std::string("/usr/bin/python3 '") + RINGATTN_SOURCE_DIR +
+                              "/scripts/plot_memory.py' --out '" + a.plot + "' '" + csv_path + "'";
+      if (std::system(cmd.c_str()) != 0) {
+        std::fprintf(stderr, "ringattn scale-test: the plot script failed (%s)\n", cmd.c_str());
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_scale_test(int argc, char** argv) {
+  return run_mpi_command(argc, argv, "scale-test", scale_test_main);
+}
+
+}  // namespace ringattn::launch
