@@ -21,7 +21,7 @@ namespace {
 struct PlanArgs {
   ProblemFlags problem;
   int ranks = 1, threads = 0;
-  std::string mode = "forward", gpu_mem, solve, json, cache_tokens = "0";
+  std::string mode = "forward", gpu_mem, solve, json, decode_tokens = "0";
   PlanArgs() { problem.seq_len = "1M"; }
 };
 
@@ -65,7 +65,7 @@ void print_table(const MemoryPlan& plan) {
         "   sink_copy again during its sink phase)\n");
   }
   if (plan.input.mode == PlanMode::kInfer) {
-    std::printf("  (infer: the KV cache is modelled from SPEC section 6)\n");
+    std::printf("  (infer: the KV cache is allocated before the prefill and never grows)\n");
   }
 }
 
@@ -79,8 +79,8 @@ int plan_main(int argc, char** argv) {
   desc.add_options()("ranks", po::value(&a.ranks)->default_value(a.ranks), "ranks P")(
       "mode", po::value(&a.mode)->default_value(a.mode),
       "forward | train (forward + backward) | infer (forward prefill + KV cache)")(
-      "cache-tokens", po::value(&a.cache_tokens)->default_value(a.cache_tokens),
-      "infer: KV cache capacity in tokens per rank (0: the largest prefill shard)")(
+      "decode-tokens", po::value(&a.decode_tokens)->default_value(a.decode_tokens),
+      "infer: tokens decoded after the prefill (the cache is sized for N + T)")(
       "threads", po::value(&a.threads)->default_value(0),
       "CPU kernel threads per rank (0: as ringattn would use on this machine with P ranks)")(
       "gpu-mem", po::value(&a.gpu_mem),
@@ -97,14 +97,14 @@ int plan_main(int argc, char** argv) {
   const PlanMode mode = parse_plan_mode(a.mode);
   RINGATTN_CHECK(a.ranks >= 1, "--ranks must be >= 1, got ", a.ranks);
   RINGATTN_CHECK(a.threads >= 0, "--threads must be >= 0, got ", a.threads);
-  const int64_t cache_tokens = parse_count(a.cache_tokens, "--cache-tokens");
+  const int64_t decode_tokens = parse_count(a.decode_tokens, "--decode-tokens");
   const int64_t budget = a.gpu_mem.empty() ? 0 : parse_bytes(a.gpu_mem, "--gpu-mem");
   RINGATTN_CHECK(a.solve.empty() || a.solve == "max-seq-len" || a.solve == "min-ranks",
                  "--solve must be max-seq-len or min-ranks, got '", a.solve, "'");
   RINGATTN_CHECK(a.solve.empty() || budget > 0, "--solve ", a.solve, " needs --gpu-mem");
 
   const int threads = a.threads > 0 ? a.threads : threads_per_rank(a.ranks);
-  PlanInput in = make_plan_input(a.problem, p, a.ranks, mode, threads, cache_tokens);
+  PlanInput in = make_plan_input(a.problem, p, a.ranks, mode, threads, decode_tokens);
   Json solved;
   if (a.solve == "max-seq-len") {
     const int64_t n = max_seq_len(in, budget);
@@ -161,7 +161,7 @@ int plan_main(int argc, char** argv) {
         .add("dtype", dtype_name(in.dtype))
         .add("mode", plan_mode_name(mode))
         .add("threads", in.threads)
-        .add("cache_tokens", cache_tokens)
+        .add("decode_tokens", decode_tokens)
         .add("forward_hops", plan.forward_hops)
         .add("backward_hops", plan.backward_hops)
         .add("peak", worst.peak)

@@ -3,7 +3,7 @@
 namespace ringattn::launch {
 
 PlanInput make_plan_input(const ProblemFlags& flags, const ProblemFlags::Resolved& problem,
-                          int ranks, PlanMode mode, int threads, int64_t cache_tokens) {
+                          int ranks, PlanMode mode, int threads, int64_t decode_tokens) {
   PlanInput in;
   in.seq_len = problem.seq_len;
   in.ranks = ranks;
@@ -14,7 +14,7 @@ PlanInput make_plan_input(const ProblemFlags& flags, const ProblemFlags::Resolve
   in.dtype = problem.dtype;
   in.spec = problem.spec;
   in.mode = mode;
-  in.cache_tokens = cache_tokens;
+  in.decode_tokens = decode_tokens;
   in.threads = threads;
   return in;
 }

@@ -14,7 +14,7 @@ namespace ringattn::launch {
 
 /// The planner's input for a resolved problem on `ranks` ranks.
 PlanInput make_plan_input(const ProblemFlags& flags, const ProblemFlags::Resolved& problem,
-                          int ranks, PlanMode mode, int threads, int64_t cache_tokens);
+                          int ranks, PlanMode mode, int threads, int64_t decode_tokens);
 
 /// The components of a rank's plan that the mode uses, in the order of RankMemory, named as
 /// its fields (the JSON keys), followed by "peak".

@@ -20,6 +20,7 @@
 #include "launch/common.h"
 #include "launch/plan_report.h"
 #include "launch/problem_flags.h"
+#include "ringattn/kv_cache.h"
 #include "ringattn/memory.h"
 #include "ringattn/plan.h"
 #include "ringattn/ring.h"
@@ -34,6 +35,7 @@ struct ScaleArgs {
   ProblemFlags problem;
   std::string seq_lens = "64k,128k,256k,1M", modes = "forward", json, csv, plot;
   int threads = 0;
+  int64_t decode_tokens = 8;
   uint64_t seed = 1;
   ScaleArgs() {
     problem.window = 4096;
@@ -99,7 +101,37 @@ std::vector<double> run_one(MpiCommunicator& comm, const ScaleArgs& a,
     options.num_threads = threads;
     comm.barrier();
     const double t0 = now_seconds();
-    forward(comm, p.spec, p.seq_len, q, k, v, nullptr, o, &lse, options);
+    if (mode == PlanMode::kInfer) {
+      // The cache is allocated before the prefill, as the plan counts it; then it decodes
+      // --decode-tokens tokens (their one-token inputs are the caller's, and tiny: plain
+      // vectors, outside the accounting).
+      KVCacheConfig c;
+      c.spec = p.spec;
+      c.batch = B;
+      c.heads = H;
+      c.kv_heads = Hkv;
+      c.head_dim = D;
+      c.dtype = p.dtype;
+      c.prefill_len = p.seq_len;
+      c.max_len = p.seq_len + a.decode_tokens;
+      c.num_threads = threads;
+      KVCache cache(comm, c);
+      cache.prefill(q, k, v, nullptr, o, &lse, options);
+      const Shard one{{PosRange{0, 1}}};
+      std::vector<char> qn(static_cast<size_t>(B * H * D) * es), on(qn.size());
+      std::vector<char> kn(static_cast<size_t>(B * Hkv * D) * es), vn(kn.size());
+      for (int64_t t = 0; t < a.decode_tokens; ++t) {
+        fill_synthetic(one, B, H, D, a.seed, static_cast<int>(t) + 1, 0, p.dtype, qn.data());
+        fill_synthetic(one, B, Hkv, D, a.seed, static_cast<int>(t) + 1, 1, p.dtype, kn.data());
+        fill_synthetic(one, B, Hkv, D, a.seed, static_cast<int>(t) + 1, 2, p.dtype, vn.data());
+        cache.decode(TensorView(qn.data(), p.dtype, {B, 1, H, D}),
+                     TensorView(kn.data(), p.dtype, {B, 1, Hkv, D}),
+                     TensorView(vn.data(), p.dtype, {B, 1, Hkv, D}), nullptr,
+                     TensorView(on.data(), p.dtype, {B, 1, H, D}), nullptr);
+      }
+    } else {
+      forward(comm, p.spec, p.seq_len, q, k, v, nullptr, o, &lse, options);
+    }
     if (mode == PlanMode::kTrain) {
       // The gradient tensors exist only in train mode, as the plan counts them.
       HostVector<char> dob(qb.size()), dqb(qb.size()), dkb(kb.size()), dvb(kb.size());
@@ -131,8 +163,11 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
   a.problem.add_to(desc);
   desc.add_options()("seq-lens", po::value(&a.seq_lens)->default_value(a.seq_lens),
                      "comma-separated sequence lengths (run in increasing order; --seq-len is "
-                     "ignored)")("modes", po::value(&a.modes)->default_value(a.modes),
-                                 "comma-separated: forward, train (forward then backward)")(
+                     "ignored)")(
+      "modes", po::value(&a.modes)->default_value(a.modes),
+      "comma-separated: forward, train (forward then backward), infer (KV cache, prefill, "
+      "decode)")("decode-tokens", po::value(&a.decode_tokens)->default_value(a.decode_tokens),
+                 "infer: tokens decoded after the prefill")(
       "threads", po::value(&a.threads)->default_value(0),
       "CPU kernel threads per rank (0: cores / ranks on the node)")(
       "seed", po::value(&a.seed)->default_value(a.seed), "seed of the synthetic inputs")(
@@ -156,11 +191,7 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
     lens.erase(std::unique(lens.begin(), lens.end()), lens.end());
     for (const std::string& s : split(a.modes)) modes.push_back(parse_plan_mode(s));
     RINGATTN_CHECK(!modes.empty(), "--modes is empty");
-    for (PlanMode m : modes) {
-      RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, m != PlanMode::kInfer,
-                          "--modes infer needs the distributed KV cache, which this build does "
-                          "not have yet");
-    }
+    RINGATTN_CHECK(a.decode_tokens >= 0, "--decode-tokens must be >= 0, got ", a.decode_tokens);
     RINGATTN_CHECK(a.threads >= 0, "--threads must be >= 0, got ", a.threads);
     for (int64_t n : lens) check_sharding(n, world, base.layout, base.spec.sinks);
   });
@@ -188,7 +219,7 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
       ProblemFlags::Resolved p = base;
       p.seq_len = n;
       const MemoryPlan plan =
-          plan_memory(make_plan_input(a.problem, p, world, mode, threads, /*cache_tokens=*/0));
+          plan_memory(make_plan_input(a.problem, p, world, mode, threads, a.decode_tokens));
       std::vector<double> table(static_cast<size_t>(world * kCols), 0.0);
       const std::vector<double> mine = run_one(comm, a, p, mode, threads, plan);
       std::copy(mine.begin(), mine.end(), table.begin() + rank * kCols);

@@ -1,8 +1,8 @@
 // The memory planner. The forward and the backward mirror runtime/src/ring_attention.cc and
 // runtime/src/ring_backward.cc buffer by buffer, evaluated on the same RingPlan with the sizing
 // functions the runtime itself uses (ring_buffers.h) and the kernels' workspace functions, so
-// the planned peak is what the accounting allocator measures. The KV cache (infer) is modelled
-// from SPEC section 6 in its own function below.
+// the planned peak is what the accounting allocator measures. The KV cache (infer) is sized by
+// KVCache::bytes_for, the function the cache itself allocates by.
 
 #include "ringattn/plan.h"
 
@@ -11,6 +11,7 @@
 #include "kernels/cpu/attention_cpu.h"
 #include "kernels/cpu/attention_cpu_bwd.h"
 #include "ringattn/error.h"
+#include "ringattn/kv_cache.h"
 #include "runtime/src/ring_buffers.h"
 #include "runtime/src/ring_plan.h"
 #include "runtime/src/sharding.h"
@@ -113,15 +114,23 @@ BackwardRuntime plan_backward_runtime(const PlanInput& in, const RingPlan& plan,
   return bw;
 }
 
-// ---- infer: the KV cache, modelled from SPEC section 6 ------------------------------------
-// RECONCILE with the KV cache implementation once it lands. The model: capacity tokens of k and
-// v per rank in the runtime dtype with their int64 positions, plus the S sinks replicated on
-// every rank (k, v, positions).
-int64_t plan_cache(const PlanInput& in, const RingPlan& plan, const Dims& dm) {
-  int64_t capacity = in.cache_tokens;
-  if (capacity == 0) capacity = plan.max_shard();
-  const int64_t sinks = in.spec.sinks;
-  return 2 * dm.kv_like(capacity) + capacity * kI64 + 2 * dm.kv_like(sinks) + sinks * kI64;
+// ---- infer: the KV cache ------------------------------------------------------------------
+// The cache allocates everything in its constructor, before the prefill, and sizes it with
+// KVCache::bytes_for: the plan asks the same function (one token per decode step, as
+// `ringattn infer` and `attend --decode-from` decode).
+int64_t plan_cache(const PlanInput& in) {
+  KVCacheConfig c;
+  c.spec = in.spec;
+  c.batch = in.batch;
+  c.heads = in.heads;
+  c.kv_heads = in.kv_heads;
+  c.head_dim = in.head_dim;
+  c.dtype = in.dtype;
+  c.prefill_len = in.seq_len;
+  c.max_len = in.seq_len + in.decode_tokens;
+  c.max_step_tokens = 1;
+  c.num_threads = in.threads;
+  return static_cast<int64_t>(KVCache::bytes_for(c, in.ranks));
 }
 
 // A configuration the runtime would reject (e.g. too many ranks for the sinks) does not fit.
@@ -173,7 +182,7 @@ MemoryPlan plan_memory(const PlanInput& in) {
                  " H_kv=", in.kv_heads);
   RINGATTN_CHECK(in.ranks >= 1, "ranks must be >= 1, got ", in.ranks);
   RINGATTN_CHECK(in.threads >= 1, "threads must be >= 1, got ", in.threads);
-  RINGATTN_CHECK(in.cache_tokens >= 0, "cache_tokens must be >= 0, got ", in.cache_tokens);
+  RINGATTN_CHECK(in.decode_tokens >= 0, "decode_tokens must be >= 0, got ", in.decode_tokens);
   validate_spec(in.spec);
   MemoryPlan mp;
   mp.input = in;
@@ -200,7 +209,7 @@ MemoryPlan plan_memory(const PlanInput& in) {
     m.sink_copy = f.sink_copy;
     m.softmax_state = f.softmax_state;
     m.kernel_workspace = f.kernel_workspace;
-    if (in.mode == PlanMode::kInfer) m.cache = plan_cache(in, plan, dm);
+    if (in.mode == PlanMode::kInfer) m.cache = plan_cache(in);
     // The kernels' per-thread workspaces are kept between calls, so from the second call on
     // they are already at their largest when the sinks are folded (and the forward's is there
     // in the backward, the backward's in the next forward): the plan is that steady state, which

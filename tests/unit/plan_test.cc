@@ -7,9 +7,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "comm/inproc/inproc_communicator.h"
 #include "kernels/cpu/attention_cpu.h"
 #include "kernels/cpu/attention_cpu_bwd.h"
 #include "ringattn/error.h"
+#include "ringattn/kv_cache.h"
 
 namespace ringattn {
 namespace {
@@ -202,26 +204,44 @@ TEST(PlanTest, TrainWindowSinksAndLearnedSinks) {
   EXPECT_EQ(mp.max_rank, 0);
 }
 
-TEST(PlanTest, InferCacheDefaultsToTheLargestShard) {
-  PlanInput in = small(1001, 2);
-  in.mode = PlanMode::kInfer;
-  const MemoryPlan mp = plan_memory(in);
-  EXPECT_EQ(mp.ranks[1].cache, 2 * (501 * 2 * 32 * 4) + 501 * 8);
-  in.cache_tokens = 4096;
-  in.spec.causal = true;
-  in.spec.window = 64;
-  in.spec.sinks = 2;
-  const MemoryPlan streaming = plan_memory(in);
-  EXPECT_EQ(streaming.ranks[0].cache,
-            2 * (4096 * 2 * 32 * 4) + 4096 * 8 + 2 * (2 * 2 * 32 * 4) + 2 * 8);
-  EXPECT_EQ(streaming.ranks[0].peak - plan_memory([&] {
-                                        PlanInput f = in;
-                                        f.mode = PlanMode::kForward;
-                                        return f;
-                                      }())
-                                          .ranks[0]
-                                          .peak,
-            streaming.ranks[0].cache);
+// The cache is sized by the cache itself: a KVCache built for the same problem holds exactly the
+// planned bytes, and the cache sits on top of the forward's peak (it is allocated first).
+TEST(PlanTest, InferCacheIsWhatTheCacheAllocates) {
+  for (const bool windowed : {false, true}) {
+    PlanInput in = small(1001, 2);
+    in.mode = PlanMode::kInfer;
+    in.decode_tokens = 99;
+    if (windowed) {
+      in.spec.causal = true;
+      in.spec.window = 64;
+      in.spec.sinks = 2;
+    }
+    const MemoryPlan mp = plan_memory(in);
+    run_inproc(2, [&](Communicator& comm) {
+      KVCacheConfig c;
+      c.spec = in.spec;
+      c.batch = in.batch;
+      c.heads = in.heads;
+      c.kv_heads = in.kv_heads;
+      c.head_dim = in.head_dim;
+      c.dtype = in.dtype;
+      c.prefill_len = in.seq_len;
+      c.max_len = in.seq_len + in.decode_tokens;
+      const KVCache cache(comm, c);
+      EXPECT_EQ(static_cast<int64_t>(cache.bytes()), mp.ranks[comm.rank()].cache)
+          << "windowed " << windowed << " rank " << comm.rank();
+    });
+    PlanInput f = in;
+    f.mode = PlanMode::kForward;
+    EXPECT_EQ(mp.ranks[0].peak - plan_memory(f).ranks[0].peak, mp.ranks[0].cache);
+    // Non-streaming: 1001 + 99 tokens over 2 ranks need 550 slots each (k and v, f32, 2 kv heads
+    // of 32) at least; streaming: at most W - 1 + T = 64 slots, whatever N.
+    if (windowed) {
+      EXPECT_LT(mp.ranks[0].cache, 2 * 64 * 2 * 32 * 4 * 2);
+    } else {
+      EXPECT_GT(mp.ranks[0].cache, 2 * 550 * 2 * 32 * 4);
+    }
+  }
 }
 
 TEST(PlanTest, RejectsWhatTheRuntimeRejects) {

@@ -7,9 +7,9 @@
 /// kernel work item is counted).
 ///
 /// Modes: forward (q, k, v, o, lse and the ring), train (forward then backward: dq, dk, dv, do
-/// and the travelling dk/dv accumulators, SPEC section 5), infer (forward prefill plus a KV
-/// cache of a given capacity per rank, SPEC section 6). The KV-cache part is modelled from the
-/// spec in its own function (plan.cc) until it is reconciled with the code.
+/// and the travelling dk/dv accumulators, SPEC section 5), infer (a KV cache allocated before
+/// the forward prefill, then decode: SPEC section 6; the cache is sized by
+/// KVCache::bytes_for, the same function the cache uses).
 
 #include <cstdint>
 #include <string>
@@ -34,8 +34,9 @@ struct PlanInput {
   DType dtype = DType::kF32;
   AttentionSpec spec;
   PlanMode mode = PlanMode::kForward;
-  /// KV cache capacity in tokens per rank (infer only); 0: the largest prefill shard.
-  int64_t cache_tokens = 0;
+  /// Infer only: tokens decoded after the prefill of seq_len tokens (non-streaming mode: the
+  /// cache holds seq_len + decode_tokens tokens; with a window its size does not depend on it).
+  int64_t decode_tokens = 0;
   /// CPU kernel threads per rank (each holds its own kernel workspace); >= 1.
   int threads = 1;
   /// Learned per-head sink logits are given (train: the backward reduces their gradient dz [H]
@@ -70,7 +71,7 @@ struct RankMemory {
   /// a receive buffer of the route's largest accumulated range, and the own block's return
   int64_t backward_ring_buffers = 0;
   int64_t backward_workspace = 0;  ///< per kernel thread: P, dP and dq tiles, f32 row copies
-  // The KV cache (infer only; modelled, see plan.cc).
+  // The KV cache (infer only): KVCache::bytes_for, the bytes the cache allocates.
   int64_t cache = 0;
   int64_t peak = 0;  ///< high-water mark of the run on this rank
 };
