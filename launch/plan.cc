@@ -21,7 +21,7 @@ namespace {
 struct PlanArgs {
   ProblemFlags problem;
   int ranks = 1, threads = 0;
-  std::string mode = "forward", gpu_mem, solve, json, decode_tokens = "0";
+  std::string mode = "forward", gpu_mem, solve, json, decode_tokens = "0", reserve = "0";
   PlanArgs() { problem.seq_len = "1M"; }
 };
 
@@ -85,6 +85,9 @@ int plan_main(int argc, char** argv) {
       "CPU kernel threads per rank (0: as ringattn would use on this machine with P ranks)")(
       "gpu-mem", po::value(&a.gpu_mem),
       "memory per rank, e.g. 80GiB: says whether the plan fits (needed by --solve)")(
+      "reserve", po::value(&a.reserve)->default_value(a.reserve),
+      "memory per rank the runtime does not own (program, MPI, a CUDA context), taken off "
+      "--gpu-mem before fitting, e.g. 64MiB")(
       "solve", po::value(&a.solve),
       "max-seq-len (largest --seq-len that fits) | min-ranks (smallest --ranks that fits)")(
       "json", po::value(&a.json), "also write the plan as JSON to this file ('-': stdout only)");
@@ -98,7 +101,12 @@ int plan_main(int argc, char** argv) {
   RINGATTN_CHECK(a.ranks >= 1, "--ranks must be >= 1, got ", a.ranks);
   RINGATTN_CHECK(a.threads >= 0, "--threads must be >= 0, got ", a.threads);
   const int64_t decode_tokens = parse_count(a.decode_tokens, "--decode-tokens");
-  const int64_t budget = a.gpu_mem.empty() ? 0 : parse_bytes(a.gpu_mem, "--gpu-mem");
+  const int64_t gpu_mem = a.gpu_mem.empty() ? 0 : parse_bytes(a.gpu_mem, "--gpu-mem");
+  const int64_t reserve = parse_bytes(a.reserve, "--reserve");
+  RINGATTN_CHECK(reserve >= 0 && (gpu_mem == 0 || reserve < gpu_mem), "--reserve ", a.reserve,
+                 " must be >= 0 and below --gpu-mem ", a.gpu_mem);
+  // What the plan must fit in: the device's memory less what the runtime does not own.
+  const int64_t budget = gpu_mem > 0 ? gpu_mem - reserve : 0;
   RINGATTN_CHECK(a.solve.empty() || a.solve == "max-seq-len" || a.solve == "min-ranks",
                  "--solve must be max-seq-len or min-ranks, got '", a.solve, "'");
   RINGATTN_CHECK(a.solve.empty() || budget > 0, "--solve ", a.solve, " needs --gpu-mem");
@@ -138,8 +146,10 @@ int plan_main(int argc, char** argv) {
     print_table(plan);
     std::printf("\n  peak per rank: %s (rank %d)", format_bytes(worst.peak).c_str(), worst.rank);
     if (budget > 0) {
-      std::printf(", %s %s (%.1f%%)", worst.peak <= budget ? "fits in" : "DOES NOT fit in",
-                  a.gpu_mem.c_str(), 100.0 * worst.peak / budget);
+      std::printf(", %s %s (%.1f%% of the %s left after --reserve %s)",
+                  worst.peak <= budget ? "fits in" : "DOES NOT fit in", a.gpu_mem.c_str(),
+                  100.0 * worst.peak / budget, format_bytes(static_cast<double>(budget)).c_str(),
+                  a.reserve.c_str());
     }
     std::printf("\n");
   }
@@ -166,7 +176,9 @@ int plan_main(int argc, char** argv) {
         .add("backward_hops", plan.backward_hops)
         .add("peak", worst.peak)
         .add("max_rank", plan.max_rank);
-    if (budget > 0) j.add("gpu_mem", budget).add("fits", worst.peak <= budget);
+    if (budget > 0) {
+      j.add("gpu_mem", gpu_mem).add("reserve", reserve).add("fits", worst.peak <= budget);
+    }
     if (!a.solve.empty()) j.add("solve", solved);
     j.add("per_rank", ranks);
     if (a.json == "-") {
