@@ -46,18 +46,6 @@ std::vector<int64_t> parse_counts(const std::string& text, const char* flag, boo
   return out;
 }
 
-// A barrier that sleeps instead of spinning (MPI's busy-polls), so the ranks that wait do not
-// take a core from rank 0 while it measures alone.
-void sleeping_barrier(MPI_Comm comm) {
-  MPI_Request req;
-  MPI_Ibarrier(comm, &req);
-  int done = 0;
-  while (!done) {
-    MPI_Test(&req, &done, MPI_STATUS_IGNORE);
-    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-}
-
 struct DecodeTiming {
   double p50_s = 0.0, p99_s = 0.0, mean_s = 0.0;
   int64_t keys_per_rank = 0;              // the most keys one rank attended per token (last token)

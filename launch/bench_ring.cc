@@ -58,18 +58,6 @@ RingStats time_ring(Communicator& comm, const ProblemFlags& f, const ProblemFlag
   return best;
 }
 
-// A barrier that sleeps instead of spinning: MPI's blocking barrier busy-polls, which would take
-// a core away from rank 0 while it runs the single-rank reference alone.
-void sleeping_barrier(MPI_Comm comm) {
-  MPI_Request req;
-  MPI_Ibarrier(comm, &req);
-  int done = 0;
-  while (!done) {
-    MPI_Test(&req, &done, MPI_STATUS_IGNORE);
-    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-}
-
 int bench_ring_main(MpiSession& session, int argc, char** argv) {
   MpiCommunicator comm(MPI_COMM_WORLD);
   const int rank = comm.rank(), world = comm.size();

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <mpi.h>
+
 #include "comm/mpi/mpi_session.h"
 #include "ringattn/tensor.h"
 #include "runtime/src/sharding.h"
@@ -42,6 +44,11 @@ int64_t current_rss_bytes();
 
 /// "1.50 GiB", "512.0 MiB", "12 B".
 std::string format_bytes(double bytes);
+
+/// A barrier that sleeps (2 ms polls) instead of spinning: MPI's blocking barrier busy-polls,
+/// which would take a core from a rank that measures alone (the single-rank rows of the
+/// benchmarks) while the others wait.
+void sleeping_barrier(MPI_Comm comm);
 
 /// Monotonic wall clock in seconds.
 double now_seconds();
