@@ -84,14 +84,10 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
 
   const RingGeometry geometry{seq_len, world, layout, spec.causal, spec.window, spec.sinks};
   const RingPlan plan(geometry);
-  const Shard& my_shard = plan.shard(rank);
-  const int64_t n_local = my_shard.size();
-  HostVector<int64_t> q_pos(static_cast<size_t>(n_local));
-  my_shard.positions(0, n_local, q_pos.data());
-  // Key positions of the block being folded, reserved once for the largest block this rank
-  // folds (the memory planner counts exactly this).
-  HostVector<int64_t> k_pos;
-  k_pos.reserve(static_cast<size_t>(detail::max_need(plan, rank)));
+  const int64_t n_local = plan.shard(rank).size();
+  detail::RankPositions positions(plan, rank);
+  const HostVector<int64_t>& q_pos = positions.q_pos;
+  HostVector<int64_t>& k_pos = positions.k_pos;
 
   cpu::SoftmaxStateCpu state(shape.batch, n_local, shape.heads, shape.head_dim);
   const BlockCodec codec(shape.batch, shape.kv_heads, shape.head_dim, q.dtype());

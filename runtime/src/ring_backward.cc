@@ -41,7 +41,6 @@ using detail::complete_hop;
 using detail::GradRoutes;
 using detail::Lane;
 using detail::make_lanes;
-using detail::max_need;
 using detail::post_hop;
 using detail::seconds_since;
 
@@ -154,13 +153,10 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
 
   const RingGeometry geometry{seq_len, world, layout, spec.causal, spec.window, spec.sinks};
   const RingPlan plan(geometry);
-  const Shard& my_shard = plan.shard(rank);
-  const int64_t n_local = my_shard.size();
-  HostVector<int64_t> q_pos(static_cast<size_t>(n_local));
-  my_shard.positions(0, n_local, q_pos.data());
-  // Key positions of the block being folded, reserved once for the largest need (as forward).
-  HostVector<int64_t> k_pos;
-  k_pos.reserve(static_cast<size_t>(max_need(plan, rank)));
+  const int64_t n_local = plan.shard(rank).size();
+  detail::RankPositions positions(plan, rank);
+  const HostVector<int64_t>& q_pos = positions.q_pos;
+  HostVector<int64_t>& k_pos = positions.k_pos;
 
   Clock::time_point t0 = Clock::now();
   cpu::BackwardStateCpu state;

@@ -18,6 +18,19 @@ namespace ringattn::detail {
 
 using Clock = std::chrono::steady_clock;
 
+/// What both passes hold besides their buffers: this rank's query positions and a key-position
+/// buffer reserved once for the largest block the rank folds (the memory planner counts exactly
+/// these two; a buffer that grew per block would make the peak depend on the fold order).
+struct RankPositions {
+  RankPositions(const RingPlan& plan, int rank) {
+    const Shard& shard = plan.shard(rank);
+    q_pos.resize(static_cast<size_t>(shard.size()));
+    shard.positions(0, shard.size(), q_pos.data());
+    k_pos.reserve(static_cast<size_t>(max_need(plan, rank)));
+  }
+  HostVector<int64_t> q_pos, k_pos;
+};
+
 inline double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
