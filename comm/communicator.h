@@ -7,7 +7,12 @@
 ///   * isend/irecv are nonblocking; the buffer must stay valid and untouched until wait().
 ///     Messages between one (source, destination, tag) triple arrive in the order posted.
 ///   * broadcast/allreduce/barrier are collectives: every rank calls them in the same order.
-///   * Errors are thrown as ringattn::Error (code kMpi, kNccl or kInternal) naming the call.
+///   * group_start/group_end bracket point-to-point operations that must be launched together
+///     (NCCL needs it for the ring's irecv-from-r-1 + isend-to-r+1 pattern; MPI and inproc
+///     ignore it). Portable code posts each hop's sends and receives inside one group and
+///     waits only after group_end.
+///   * Errors are thrown as ringattn::Error (code kMpi, kNccl, kCuda or kInternal) naming the
+///     call; misuse (bad peer, tag, buffer) is kInvalidArgument or kUnsupported.
 
 #include <cstddef>
 #include <cstdint>
@@ -56,9 +61,45 @@ class Communicator {
   /// Blocks until every rank reached the barrier.
   virtual void barrier() = 0;
 
+  /// Operations posted between group_start and group_end are launched together (NCCL group);
+  /// other transports ignore it. Groups may nest (only the outermost group_end launches).
+  /// Inside a group only isend/irecv may be called, and their requests may be waited or
+  /// tested only after the outermost group_end.
+  virtual void group_start() {}
+  /// Closes the group opened by the matching group_start (see there).
+  virtual void group_end() {}
+
   /// Nonblocking send/receive of a whole contiguous tensor (checks device and contiguity).
   RequestPtr isend(const TensorView& t, int peer, int tag);
   RequestPtr irecv(const TensorView& t, int peer, int tag);
+};
+
+/// Scope of a group: group_start() now, group_end() at end() or, if end() was not reached
+/// (an exception unwinds), in the destructor, whose errors are swallowed. Ending a group on
+/// the error path launches what was posted so far rather than leaving the transport's group
+/// open for every later call of this thread.
+class CommGroup {
+ public:
+  explicit CommGroup(Communicator& comm) : comm_(&comm) { comm.group_start(); }
+  ~CommGroup() {
+    if (comm_ == nullptr) return;
+    try {
+      comm_->group_end();
+    } catch (...) {
+      // Already unwinding (or ending twice): the first error is the one to report.
+    }
+  }
+  CommGroup(const CommGroup&) = delete;
+  CommGroup& operator=(const CommGroup&) = delete;
+  /// Closes the group (throws what group_end throws). Call once, before waiting.
+  void end() {
+    Communicator* comm = comm_;
+    comm_ = nullptr;
+    if (comm != nullptr) comm->group_end();
+  }
+
+ private:
+  Communicator* comm_;
 };
 
 /// Waits for a request if it is non-null (null requests are used for skipped transfers).

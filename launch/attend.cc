@@ -17,6 +17,7 @@
 #include "launch/commands.h"
 #include "launch/common.h"
 #include "launch/problem_flags.h"
+#include "launch/ranks.h"
 #include "launch/sharded_io.h"
 #include "ringattn/ring.h"
 #include "runtime/src/backend.h"
@@ -94,6 +95,7 @@ int attend_main(MpiSession& session, int argc, char** argv) {
   npy::Header hq, hk, hv, hdo;
   int64_t batch = 0, seq_len = 0, heads = 0, kv_heads = 0, head_dim = 0;
   std::vector<float> z;
+  Backend backend = Backend::kCpu;
   Layout layout = Layout::kContiguous;
   Shard shard;
 
@@ -112,9 +114,11 @@ int attend_main(MpiSession& session, int argc, char** argv) {
       RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, !vm.count("decode-from"),
                           "--dout (the backward) cannot be combined with --decode-from");
     }
-    const Backend backend = select_backend(parse_backend(a.backend), rank == 0);
-    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, backend == Backend::kCpu, "--backend ", a.backend,
-                        " is not available in this version");
+    backend = select_backend(parse_backend(a.backend), rank == 0);
+    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported,
+                        backend == Backend::kCpu || !vm.count("decode-from"),
+                        "--decode-from runs on the CPU backend only in this version (use "
+                        "--backend cpu)");
     dtype = parse_dtype(a.dtype);
     spec.causal = a.causal;
     spec.window = a.window;
@@ -198,30 +202,29 @@ int attend_main(MpiSession& session, int argc, char** argv) {
   const TensorView o(of.data(), DType::kF32, {batch, n, heads, head_dim});
   const TensorView lse(lsef.data(), DType::kF32, {batch, heads, n});
   const TensorView zt(z.empty() ? nullptr : z.data(), DType::kF32, {heads});
-
-  // 3. The ring (agrees on the configuration itself).
   RingOptions options;
   options.num_threads = threads_per_rank(session.local_size());
-  RingStats st;
-  std::optional<DecodeFromResult> decoded;
-  if (a.decode_from >= 0) {
-    const std::string paths[3] = {a.q, a.k, a.v};
-    const npy::Header headers[3] = {hq, hk, hv};
-    decoded =
-        run_decode_from(comm, spec, a.decode_from, seq_len, q, k, v, z.empty() ? nullptr : &zt, o,
-                        lse, paths, headers, options.num_threads);
-    st = decoded->prefill;
-  } else {
-    st = forward(comm, spec, seq_len, q, k, v, z.empty() ? nullptr : &zt, o, &lse, options);
-  }
-
-  // The backward (--dout): gradients in f32, whatever the compute dtype.
   const bool backward_pass = !a.dout.empty();
   std::vector<float> dof, dqf, dkf, dvf, dzf;
   RingStats bst;
-  if (backward_pass) {
+  // The backward over the (device) views of the forward's tensors; gradients land in dqf, dkf,
+  // dvf and dzf on the host.
+  const Device device = backend_device(backend);
+  std::vector<std::unique_ptr<TensorBuffer>> mirrors;
+  auto on_device = [&](const TensorView& t, std::initializer_list<int64_t> shape) {
+    if (device == Device::kCPU) return t;
+    mirrors.push_back(std::make_unique<TensorBuffer>(device, t.dtype(), shape));
+    mirrors.back()->upload(t.data());
+    return mirrors.back()->view();
+  };
+  auto to_host = [&](const TensorView& dev, const TensorView& host) {
+    if (device != Device::kCPU) copy_bytes(host.data(), dev.data(), host.nbytes(), device);
+  };
+  auto run_backward = [&](Communicator& rc, const TensorView& qx, const TensorView& kx,
+                          const TensorView& vx, const TensorView& ox, const TensorView& lsex,
+                          const TensorView* zx) {
     dof.resize(static_cast<size_t>(batch * n * heads * head_dim));
-    agree(comm, [&] { read_token_shard(a.dout, hdo, shard, dof.data()); });
+    agree(rc, [&] { read_token_shard(a.dout, hdo, shard, dof.data()); });
     std::vector<char> dos;
     void* dop = dof.data();
     if (dtype != DType::kF32) {
@@ -233,12 +236,50 @@ int attend_main(MpiSession& session, int argc, char** argv) {
     dkf.resize(static_cast<size_t>(batch * n * kv_heads * head_dim));
     dvf.resize(dkf.size());
     dzf.resize(static_cast<size_t>(heads));
+    const TensorView dq(dqf.data(), DType::kF32, {batch, n, heads, head_dim});
+    const TensorView dk(dkf.data(), DType::kF32, {batch, n, kv_heads, head_dim});
+    const TensorView dv(dvf.data(), DType::kF32, {batch, n, kv_heads, head_dim});
     const TensorView dzt(dzf.data(), DType::kF32, {heads});
-    bst = backward(
-        comm, spec, seq_len, q, k, v, o, lse, TensorView(dop, dtype, {batch, n, heads, head_dim}),
-        z.empty() ? nullptr : &zt, TensorView(dqf.data(), DType::kF32, {batch, n, heads, head_dim}),
-        TensorView(dkf.data(), DType::kF32, {batch, n, kv_heads, head_dim}),
-        TensorView(dvf.data(), DType::kF32, {batch, n, kv_heads, head_dim}), &dzt, options);
+    const TensorView doutx =
+        on_device(TensorView(dop, dtype, {batch, n, heads, head_dim}), {batch, n, heads, head_dim});
+    const TensorView dqx = on_device(dq, {batch, n, heads, head_dim});
+    const TensorView dkx = on_device(dk, {batch, n, kv_heads, head_dim});
+    const TensorView dvx = on_device(dv, {batch, n, kv_heads, head_dim});
+    const TensorView dzx = on_device(dzt, {heads});
+    bst =
+        backward(rc, spec, seq_len, qx, kx, vx, ox, lsex, doutx, zx, dqx, dkx, dvx, &dzx, options);
+    to_host(dqx, dq);
+    to_host(dkx, dk);
+    to_host(dvx, dv);
+    to_host(dzx, dzt);
+  };
+
+  // 3. The ring (agrees on the configuration itself). With the CUDA backend every tensor gets a
+  // device copy (outputs are copied back after the call) and the ranks talk over NCCL.
+  RingStats st;
+  std::optional<DecodeFromResult> decoded;
+  if (a.decode_from < 0) {
+    run_on_ranks(comm, backend, 0, [&](Communicator& rc) {
+      const TensorView qx = on_device(q, {batch, n, heads, head_dim});
+      const TensorView kx = on_device(k, {batch, n, kv_heads, head_dim});
+      const TensorView vx = on_device(v, {batch, n, kv_heads, head_dim});
+      const TensorView ox = on_device(o, {batch, n, heads, head_dim});
+      const TensorView lsex = on_device(lse, {batch, heads, n});
+      const TensorView zx = z.empty() ? zt : on_device(zt, {heads});
+      st = forward(rc, spec, seq_len, qx, kx, vx, z.empty() ? nullptr : &zx, ox, &lsex, options);
+      to_host(ox, o);
+      to_host(lsex, lse);
+      if (a.dout.empty()) return;
+      // The backward (--dout): gradients in f32, whatever the compute dtype.
+      run_backward(rc, qx, kx, vx, ox, lsex, z.empty() ? nullptr : &zx);
+    });
+  } else {
+    const std::string paths[3] = {a.q, a.k, a.v};
+    const npy::Header headers[3] = {hq, hk, hv};
+    decoded =
+        run_decode_from(comm, spec, a.decode_from, seq_len, q, k, v, z.empty() ? nullptr : &zt, o,
+                        lse, paths, headers, options.num_threads);
+    st = decoded->prefill;
   }
 
   // 4. Outputs: written as .partial by every rank, renamed into place only if all succeeded.

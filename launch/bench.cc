@@ -283,6 +283,8 @@ const BenchEntry kBenches[] = {
     {"ring", "the same problem on 1 rank and on P ranks (run under mpirun)", run_bench_ring},
     {"decode", "KV cache decode latency per token, 1 rank and P ranks (run under mpirun)",
      run_bench_decode},
+    {"gpu", "CUDA forward/backward TFLOP/s on one device (compare: scripts/bench_sdpa.py)",
+     run_bench_gpu},
 };
 
 std::string bench_names() {

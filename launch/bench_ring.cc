@@ -16,6 +16,7 @@
 #include "launch/commands.h"
 #include "launch/common.h"
 #include "launch/problem_flags.h"
+#include "launch/ranks.h"
 #include "ringattn/ring.h"
 
 namespace po = boost::program_options;
@@ -25,24 +26,28 @@ namespace {
 
 struct RingBenchArgs {
   ProblemFlags problem;
-  std::string json;
-  int repeats = 2, threads = 0;
+  std::string json, backend = "cpu";
+  int repeats = 2, threads = 0, virtual_ranks = 0;
 };
 
 // Best-of-repeats time of the ring forward on `comm` (every rank of it takes part): this rank's
 // RingStats of the best run, with total_s the slowest rank's time.
 RingStats time_ring(Communicator& comm, const ProblemFlags& f, const ProblemFlags::Resolved& p,
-                    int repeats, int threads) {
+                    int repeats, int threads, Device device) {
   const Shard shard = make_shard(p.seq_len, comm.size(), comm.rank(), p.layout);
   const int64_t n = shard.size(), B = f.batch, H = f.heads, Hkv = f.kv_heads, D = f.head_dim;
   const size_t es = dtype_size(p.dtype);
-  std::vector<char> qb(static_cast<size_t>(B * n * H * D) * es), ob(qb.size());
+  std::vector<char> qb(static_cast<size_t>(B * n * H * D) * es);
   std::vector<char> kb(static_cast<size_t>(B * n * Hkv * D) * es), vb(kb.size());
   fill_synthetic(shard, B, H, D, 7, 0, 0, p.dtype, qb.data());
   fill_synthetic(shard, B, Hkv, D, 7, 0, 1, p.dtype, kb.data());
   fill_synthetic(shard, B, Hkv, D, 7, 0, 2, p.dtype, vb.data());
-  const TensorView q(qb.data(), p.dtype, {B, n, H, D}), o(ob.data(), p.dtype, {B, n, H, D});
-  const TensorView k(kb.data(), p.dtype, {B, n, Hkv, D}), v(vb.data(), p.dtype, {B, n, Hkv, D});
+  TensorBuffer qd(device, p.dtype, {B, n, H, D}), od(device, p.dtype, {B, n, H, D});
+  TensorBuffer kd(device, p.dtype, {B, n, Hkv, D}), vd(device, p.dtype, {B, n, Hkv, D});
+  qd.upload(qb.data());
+  kd.upload(kb.data());
+  vd.upload(vb.data());
+  const TensorView q = qd.view(), o = od.view(), k = kd.view(), v = vd.view();
   RingOptions options;
   options.num_threads = threads;
   RingStats best;
@@ -60,7 +65,7 @@ RingStats time_ring(Communicator& comm, const ProblemFlags& f, const ProblemFlag
 
 int bench_ring_main(MpiSession& session, int argc, char** argv) {
   MpiCommunicator comm(MPI_COMM_WORLD);
-  const int rank = comm.rank(), world = comm.size();
+  const int rank = comm.rank();
   RingBenchArgs a;
   po::options_description desc(
       "usage: mpirun -np P --bind-to none ringattn bench ring [options]\n"
@@ -72,25 +77,41 @@ int bench_ring_main(MpiSession& session, int argc, char** argv) {
                      "runs of each, best time kept")(
       "threads", po::value(&a.threads)->default_value(0),
       "kernel threads per rank (0: cores / ranks on the node)")(
+      "backend", po::value(&a.backend)->default_value(a.backend), "auto | cpu | cuda")(
+      "virtual-ranks", po::value(&a.virtual_ranks)->default_value(0),
+      "run the P ranks as threads of this one process (with --backend cuda: on one GPU)")(
       "json", po::value(&a.json), "also write the results as JSON to this file");
   po::variables_map vm;
   ProblemFlags::Resolved p;
+  Backend backend = Backend::kCpu;
   bool help = false;
   agree(comm, [&] {
     help = parse_options(argc, argv, desc, vm);
     if (help) return;
     p = a.problem.resolve();
-    check_sharding(p.seq_len, world, p.layout, p.spec.sinks);
+    check_virtual_ranks(a.virtual_ranks, comm.size());
+    backend = select_backend(parse_backend(a.backend), rank == 0);
+    check_sharding(p.seq_len, a.virtual_ranks > 0 ? a.virtual_ranks : comm.size(), p.layout,
+                   p.spec.sinks);
   });
   if (help) {
     if (rank == 0) std::cout << desc << "\n";
     return 0;
   }
-  const int threads = a.threads > 0 ? a.threads : threads_per_rank(session.local_size());
+  const int world = a.virtual_ranks > 0 ? a.virtual_ranks : comm.size();
+  const int threads = a.threads > 0 ? a.threads
+                                    : threads_per_rank(a.virtual_ranks > 0 ? a.virtual_ranks
+                                                                           : session.local_size());
+  const Device device = backend_device(backend);
 
-  // 1 rank, with the threads of all P ranks (same cores), while the others sleep.
+  // 1 rank, with the threads of all P ranks (same cores), while the others sleep. On the GPU:
+  // one rank on this process's GPU, against P ranks (virtual ranks: on the same GPU).
   RingStats single;
-  if (rank == 0) {
+  if (rank == 0 && device == Device::kCUDA) {
+    run_on_ranks(comm, backend, 1, [&](Communicator& one) {
+      single = time_ring(one, a.problem, p, a.repeats, threads, device);
+    });
+  } else if (rank == 0) {
     if (allowed_cpus() < threads * world) {
       std::fprintf(stderr,
                    "bench ring: rank 0 may use only %d CPUs but the single-rank reference needs "
@@ -98,18 +119,27 @@ int bench_ring_main(MpiSession& session, int argc, char** argv) {
                    allowed_cpus(), threads * world);
     }
     MpiCommunicator self(MPI_COMM_SELF);
-    single = time_ring(self, a.problem, p, a.repeats, threads * world);
+    single = time_ring(self, a.problem, p, a.repeats, threads * world, device);
   }
   sleeping_barrier(MPI_COMM_WORLD);
-  const RingStats multi = time_ring(comm, a.problem, p, a.repeats, threads);
-  double worst[3] = {multi.comm_wait_s / std::max(multi.total_s, 1e-12), multi.comm_wait_s,
-                     static_cast<double>(multi.bytes_sent)};
-  comm.allreduce(worst, 3, ReduceType::kF64, ReduceOp::kMax);
+  RingStats multi;
+  double worst[3] = {0.0, 0.0, 0.0};
+  run_on_ranks(comm, backend, a.virtual_ranks, [&](Communicator& ring) {
+    const RingStats st = time_ring(ring, a.problem, p, a.repeats, threads, device);
+    double w[3] = {st.comm_wait_s / std::max(st.total_s, 1e-12), st.comm_wait_s,
+                   static_cast<double>(st.bytes_sent)};
+    ring.allreduce(w, 3, ReduceType::kF64, ReduceOp::kMax);
+    if (ring.rank() == 0) {
+      multi = st;
+      std::copy(w, w + 3, worst);
+    }
+  });
   if (rank != 0) return 0;
 
   const double efficiency = single.total_s / multi.total_s;
   const double flops = single.flops;
-  std::printf("bench ring: %s, %d threads/rank\n", a.problem.describe(p).c_str(), threads);
+  std::printf("bench ring: %s, backend %s%s, %d threads/rank\n", a.problem.describe(p).c_str(),
+              backend_name(backend), a.virtual_ranks > 0 ? " (virtual ranks)" : "", threads);
   std::printf("  %-8s %8s %10s %10s %16s %12s\n", "ranks", "time_s", "GFLOP/s", "speedup",
               "comm_wait/total", "bytes_sent");
   std::printf("  %-8d %8.3f %10.2f %10s %16s %12s\n", 1, single.total_s,
@@ -136,6 +166,8 @@ int bench_ring_main(MpiSession& session, int argc, char** argv) {
         .add("layout", layout_name(p.layout))
         .add("dtype", dtype_name(p.dtype))
         .add("threads", threads)
+        .add("backend", backend_name(backend))
+        .add("virtual_ranks", a.virtual_ranks > 0)
         .add("single_rank_s", single.total_s)
         .add("ring_s", multi.total_s)
         .add("parallel_efficiency", efficiency)

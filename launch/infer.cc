@@ -17,6 +17,7 @@
 #include "launch/common.h"
 #include "launch/infer_decode.h"
 #include "launch/problem_flags.h"
+#include "launch/ranks.h"
 #include "ringattn/ring.h"
 #include "runtime/src/backend.h"
 #include "runtime/src/sharding.h"
@@ -31,7 +32,7 @@ struct InferArgs {
   int layers = 4;
   std::string backend = "auto", json;
   uint64_t seed = 1;
-  int threads = 0;
+  int threads = 0, virtual_ranks = 0;
   int64_t decode_tokens = 0;
   std::string stream_tokens, report_every;
   InferArgs() {
@@ -41,9 +42,11 @@ struct InferArgs {
   }
 };
 
+void infer_rank(Communicator& comm, InferArgs& a, const po::variables_map& vm,
+                const ProblemFlags::Resolved& p, Backend backend, int local_ranks);
+
 int infer_main(MpiSession& session, int argc, char** argv) {
-  MpiCommunicator comm(MPI_COMM_WORLD);
-  const int rank = comm.rank(), world = comm.size();
+  MpiCommunicator mpi(MPI_COMM_WORLD);
 
   InferArgs a;
   po::options_description desc(
@@ -58,6 +61,8 @@ int infer_main(MpiSession& session, int argc, char** argv) {
       "seed", po::value(&a.seed)->default_value(a.seed), "seed of the synthetic inputs")(
       "threads", po::value(&a.threads)->default_value(0),
       "CPU kernel threads per rank (0: cores / ranks on the node)")(
+      "virtual-ranks", po::value(&a.virtual_ranks)->default_value(0),
+      "run P ranks as threads of this one process (with --backend cuda: P ranks on one GPU)")(
       "json", po::value(&a.json), "also write the summary as JSON to this file")(
       "decode-tokens", po::value(&a.decode_tokens)->default_value(0),
       "after the prefill, decode T tokens one at a time through the distributed KV cache")(
@@ -69,9 +74,9 @@ int infer_main(MpiSession& session, int argc, char** argv) {
 
   po::variables_map vm;
   ProblemFlags::Resolved p;
-  Shard shard;
+  Backend backend = Backend::kCpu;
   bool help = false;
-  agree(comm, [&] {
+  agree(mpi, [&] {
     help = parse_options(argc, argv, desc, vm);
     if (help) return;
     const bool stream = vm.count("stream-tokens") > 0;
@@ -85,21 +90,37 @@ int infer_main(MpiSession& session, int argc, char** argv) {
       RINGATTN_CHECK(a.decode_tokens > 0, "--stream-tokens must be > 0");
       // Streaming is about decode: unless told otherwise, prefill just one window.
       if (vm["seq-len"].defaulted()) {
-        a.problem.seq_len = std::to_string(std::max<int64_t>(a.problem.window, 4 * world));
+        a.problem.seq_len = std::to_string(
+            std::max<int64_t>(a.problem.window, 4 * std::max(mpi.size(), a.virtual_ranks)));
       }
     }
     p = a.problem.resolve();
     RINGATTN_CHECK(a.layers > 0, "--layers must be > 0, got ", a.layers);
-    const Backend backend = select_backend(parse_backend(a.backend), rank == 0);
-    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, backend == Backend::kCpu, "--backend ", a.backend,
-                        " is not available in this version");
-    check_sharding(p.seq_len, world, p.layout, p.spec.sinks);
-    shard = make_shard(p.seq_len, world, rank, p.layout);
+    check_virtual_ranks(a.virtual_ranks, mpi.size());
+    backend = select_backend(parse_backend(a.backend), mpi.rank() == 0);
+    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, backend == Backend::kCpu || a.decode_tokens == 0,
+                        "--decode-tokens and --stream-tokens run on the CPU backend only in this "
+                        "version (use --backend cpu)");
+    check_sharding(p.seq_len, a.virtual_ranks > 0 ? a.virtual_ranks : mpi.size(), p.layout,
+                   p.spec.sinks);
   });
   if (help) {
-    if (rank == 0) std::cout << desc << "\n";
+    if (mpi.rank() == 0) std::cout << desc << "\n";
     return 0;
   }
+  const int local_ranks = a.virtual_ranks > 0 ? a.virtual_ranks : session.local_size();
+  run_on_ranks(mpi, backend, a.virtual_ranks,
+               [&](Communicator& comm) { infer_rank(comm, a, vm, p, backend, local_ranks); });
+  return 0;
+}
+
+// One rank's part of the job (an MPI rank, an NCCL rank or an in-process virtual rank).
+void infer_rank(Communicator& comm, InferArgs& a_shared, const po::variables_map& vm,
+                const ProblemFlags::Resolved& p, Backend backend, int local_ranks) {
+  const InferArgs& a = a_shared;
+  const int rank = comm.rank(), world = comm.size();
+  const Shard shard = make_shard(p.seq_len, world, rank, p.layout);
+  const Device device = backend_device(backend);
 
   const int64_t n = shard.size();
   const int64_t B = a.problem.batch, H = a.problem.heads, Hkv = a.problem.kv_heads,
@@ -109,20 +130,21 @@ int infer_main(MpiSession& session, int argc, char** argv) {
   const int64_t seq_len = p.seq_len;
   const Layout layout = p.layout;
   const size_t es = dtype_size(dtype);
+  // Inputs are generated on the host; with the CUDA backend they are copied to the device
+  // (q, k, v, o, lse live there) and o comes back for the checksum.
   std::vector<char> qb(static_cast<size_t>(B * n * H * D) * es);
   std::vector<char> kb(static_cast<size_t>(B * n * Hkv * D) * es), vb(kb.size());
   std::vector<char> ob(qb.size());
-  std::vector<float> lseb(static_cast<size_t>(B * H * n));
-  const TensorView q(qb.data(), dtype, {B, n, H, D});
-  const TensorView k(kb.data(), dtype, {B, n, Hkv, D});
-  const TensorView v(vb.data(), dtype, {B, n, Hkv, D});
-  const TensorView o(ob.data(), dtype, {B, n, H, D});
-  const TensorView lse(lseb.data(), DType::kF32, {B, H, n});
+  TensorBuffer qd(device, dtype, {B, n, H, D}), kd(device, dtype, {B, n, Hkv, D}),
+      vd(device, dtype, {B, n, Hkv, D}), od(device, dtype, {B, n, H, D}),
+      lsed(device, DType::kF32, {B, H, n});
+  const TensorView q = qd.view(), k = kd.view(), v = vd.view(), o = od.view(), lse = lsed.view();
   RingOptions options;
-  options.num_threads = a.threads > 0 ? a.threads : threads_per_rank(session.local_size());
+  options.num_threads = a.threads > 0 ? a.threads : threads_per_rank(local_ranks);
 
   if (rank == 0) {
-    std::printf("ringattn infer: P=%d %s layers=%d threads/rank=%d\n", world,
+    std::printf("ringattn infer: P=%d%s backend=%s %s layers=%d threads/rank=%d\n", world,
+                a.virtual_ranks > 0 ? " (virtual ranks)" : "", backend_name(backend),
                 a.problem.describe(p).c_str(), a.layers, options.num_threads);
     std::fflush(stdout);
   }
@@ -168,6 +190,9 @@ int infer_main(MpiSession& session, int argc, char** argv) {
     fill_synthetic(shard, B, H, D, a.seed, layer, 0, dtype, qb.data());
     fill_synthetic(shard, B, Hkv, D, a.seed, layer, 1, dtype, kb.data());
     fill_synthetic(shard, B, Hkv, D, a.seed, layer, 2, dtype, vb.data());
+    qd.upload(qb.data());
+    kd.upload(kb.data());
+    vd.upload(vb.data());
     generate_s += now_seconds() - g0;
     const RingStats st = decoder ? decoder->cache(layer).prefill(q, k, v, nullptr, o, &lse, options)
                                  : forward(comm, spec, seq_len, q, k, v, nullptr, o, &lse, options);
@@ -184,6 +209,7 @@ int infer_main(MpiSession& session, int argc, char** argv) {
                     "layer " + std::to_string(layer + 1) + "/" + std::to_string(a.layers));
   }
   // A checksum of the last layer's output (independent of P and layout up to rounding).
+  od.download(ob.data());
   for (int64_t i = 0; i < o.numel(); ++i) o_checksum += load_as_float(ob.data(), dtype, i);
   comm.barrier();
   const double wall = now_seconds() - t0;
@@ -252,6 +278,8 @@ int infer_main(MpiSession& session, int argc, char** argv) {
           .add("dtype", dtype_name(dtype))
           .add("layers", a.layers)
           .add("threads", options.num_threads)
+          .add("backend", backend_name(backend))
+          .add("virtual_ranks", a.virtual_ranks > 0)
           .add("time_s", wall)
           .add("generate_s", generate_s)
           .add("tokens_per_s", tokens / wall)
@@ -263,7 +291,6 @@ int infer_main(MpiSession& session, int argc, char** argv) {
       j.write_file(a.json);
     }
   }
-  return 0;
 }
 
 }  // namespace

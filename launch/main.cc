@@ -19,7 +19,7 @@ void print_usage(FILE* out) {
                "commands:\n"
                "  attend   attention over .npy files, sharded across ranks (SPEC section 7)\n"
                "  infer    long-context prefill over synthetic inputs (the main job)\n"
-               "  bench    benchmarks: 'bench kernel' (CPU kernel vs sgemm), 'bench ring'\n"
+               "  bench    benchmarks: kernel (CPU kernel vs sgemm), ring, decode, gpu (CUDA)\n"
                "  plan     bytes each rank needs, largest N / smallest P that fits (no MPI)\n"
                "  scale-test  real runs over a sweep of N: measured peak memory against the plan\n",
                RINGATTN_VERSION);

@@ -21,6 +21,7 @@ namespace {
 struct PlanArgs {
   ProblemFlags problem;
   int ranks = 1, threads = 0;
+  std::string backend = "cpu";
   std::string mode = "forward", gpu_mem, solve, json, decode_tokens = "0", reserve = "0";
   PlanArgs() { problem.seq_len = "1M"; }
 };
@@ -83,6 +84,8 @@ int plan_main(int argc, char** argv) {
       "infer: tokens decoded after the prefill (the cache is sized for N + T)")(
       "threads", po::value(&a.threads)->default_value(0),
       "CPU kernel threads per rank (0: as ringattn would use on this machine with P ranks)")(
+      "backend", po::value(&a.backend)->default_value(a.backend),
+      "cpu (host memory of the CPU kernels) or cuda (device memory of the CUDA kernels)")(
       "gpu-mem", po::value(&a.gpu_mem),
       "memory per rank, e.g. 80GiB: says whether the plan fits (needed by --solve)")(
       "reserve", po::value(&a.reserve)->default_value(a.reserve),
@@ -113,6 +116,12 @@ int plan_main(int argc, char** argv) {
 
   const int threads = a.threads > 0 ? a.threads : threads_per_rank(a.ranks);
   PlanInput in = make_plan_input(a.problem, p, a.ranks, mode, threads, decode_tokens);
+  RINGATTN_CHECK(a.backend == "cpu" || a.backend == "cuda", "--backend must be cpu or cuda, got '",
+                 a.backend, "'");
+  in.device = a.backend == "cuda" ? Device::kCUDA : Device::kCPU;
+  RINGATTN_CHECK_CODE(ErrorCode::kUnsupported,
+                      in.device == Device::kCPU || mode != PlanMode::kInfer,
+                      "--mode infer (the KV cache) runs on the CPU backend only in this version");
   Json solved;
   if (a.solve == "max-seq-len") {
     const int64_t n = max_seq_len(in, budget);
@@ -133,8 +142,9 @@ int plan_main(int argc, char** argv) {
   ProblemFlags::Resolved shown = p;
   shown.seq_len = in.seq_len;
   if (a.json != "-") {
-    std::printf("ringattn plan: P=%d %s mode=%s threads/rank=%d\n", in.ranks,
-                a.problem.describe(shown).c_str(), plan_mode_name(mode), in.threads);
+    std::printf("ringattn plan: P=%d %s mode=%s backend=%s threads/rank=%d\n", in.ranks,
+                a.problem.describe(shown).c_str(), plan_mode_name(mode), a.backend.c_str(),
+                in.threads);
     std::printf("  ring: %d forward hops, %d backward hops\n", plan.forward_hops,
                 plan.backward_hops);
     if (a.solve == "max-seq-len") {
@@ -171,6 +181,7 @@ int plan_main(int argc, char** argv) {
         .add("dtype", dtype_name(in.dtype))
         .add("mode", plan_mode_name(mode))
         .add("threads", in.threads)
+        .add("backend", a.backend)
         .add("decode_tokens", decode_tokens)
         .add("forward_hops", plan.forward_hops)
         .add("backward_hops", plan.backward_hops)

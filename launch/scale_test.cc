@@ -20,6 +20,7 @@
 #include "launch/common.h"
 #include "launch/plan_report.h"
 #include "launch/problem_flags.h"
+#include "launch/ranks.h"
 #include "ringattn/kv_cache.h"
 #include "ringattn/memory.h"
 #include "ringattn/plan.h"
@@ -34,7 +35,8 @@ namespace {
 struct ScaleArgs {
   ProblemFlags problem;
   std::string seq_lens = "64k,128k,256k,1M", modes = "forward", json, csv, plot;
-  int threads = 0;
+  int threads = 0, virtual_ranks = 0;
+  std::string backend = "auto";
   int64_t decode_tokens = 8;
   uint64_t seed = 1;
   ScaleArgs() {
@@ -75,28 +77,38 @@ constexpr int kCols = 5;  // tokens, planned, measured, peak_rss, time_s
 
 // Allocates this rank's shards through the accounting allocator, fills them, runs the mode and
 // returns {tokens, planned, measured, peak_rss, time}.
-std::vector<double> run_one(MpiCommunicator& comm, const ScaleArgs& a,
-                            const ProblemFlags::Resolved& p, PlanMode mode, int threads,
-                            const MemoryPlan& plan) {
+// With the CUDA backend the tensors and every runtime buffer live on the GPU and the measured
+// figure is the device's accounted peak (the plan is made for the device too); the inputs are
+// generated on the host and copied up (that staging buffer is outside the measurement).
+std::vector<double> run_one(Communicator& comm, const ScaleArgs& a, const ProblemFlags::Resolved& p,
+                            PlanMode mode, int threads, Device device, const MemoryPlan& plan) {
   const int rank = comm.rank();
   const Shard shard = make_shard(p.seq_len, comm.size(), rank, p.layout);
   const int64_t n = shard.size(), B = a.problem.batch, H = a.problem.heads,
                 Hkv = a.problem.kv_heads, D = a.problem.head_dim;
   const size_t es = dtype_size(p.dtype);
+  // Host staging for the generated inputs (not accounted: std::vector).
+  auto generate = [&](TensorBuffer& t, int64_t heads, int tensor) {
+    if (device == Device::kCPU) {
+      fill_synthetic(shard, B, heads, D, a.seed, 0, tensor, p.dtype, t.data());
+      return;
+    }
+    std::vector<char> host(static_cast<size_t>(B * n * heads * D) * es);
+    fill_synthetic(shard, B, heads, D, a.seed, 0, tensor, p.dtype, host.data());
+    t.upload(host.data());
+  };
   comm.barrier();
   const bool rss_reset = reset_peak_rss();
-  reset_memory_peak(Device::kCPU);
+  reset_memory_peak(device);
   double time_s = 0.0;
   {
-    HostVector<char> qb(static_cast<size_t>(B * n * H * D) * es), ob(qb.size());
-    HostVector<char> kb(static_cast<size_t>(B * n * Hkv * D) * es), vb(kb.size());
-    HostVector<float> lseb(static_cast<size_t>(B * H * n));
-    fill_synthetic(shard, B, H, D, a.seed, 0, 0, p.dtype, qb.data());
-    fill_synthetic(shard, B, Hkv, D, a.seed, 0, 1, p.dtype, kb.data());
-    fill_synthetic(shard, B, Hkv, D, a.seed, 0, 2, p.dtype, vb.data());
-    const TensorView q(qb.data(), p.dtype, {B, n, H, D}), o(ob.data(), p.dtype, {B, n, H, D});
-    const TensorView k(kb.data(), p.dtype, {B, n, Hkv, D}), v(vb.data(), p.dtype, {B, n, Hkv, D});
-    const TensorView lse(lseb.data(), DType::kF32, {B, H, n});
+    TensorBuffer qb(device, p.dtype, {B, n, H, D}), ob(device, p.dtype, {B, n, H, D});
+    TensorBuffer kb(device, p.dtype, {B, n, Hkv, D}), vb(device, p.dtype, {B, n, Hkv, D});
+    TensorBuffer lseb(device, DType::kF32, {B, H, n});
+    generate(qb, H, 0);
+    generate(kb, Hkv, 1);
+    generate(vb, Hkv, 2);
+    const TensorView q = qb.view(), o = ob.view(), k = kb.view(), v = vb.view(), lse = lseb.view();
     RingOptions options;
     options.num_threads = threads;
     comm.barrier();
@@ -134,26 +146,33 @@ std::vector<double> run_one(MpiCommunicator& comm, const ScaleArgs& a,
     }
     if (mode == PlanMode::kTrain) {
       // The gradient tensors exist only in train mode, as the plan counts them.
-      HostVector<char> dob(qb.size()), dqb(qb.size()), dkb(kb.size()), dvb(kb.size());
-      fill_synthetic(shard, B, H, D, a.seed, 0, 3, p.dtype, dob.data());
-      const TensorView dout(dob.data(), p.dtype, {B, n, H, D});
-      const TensorView dq(dqb.data(), p.dtype, {B, n, H, D});
-      const TensorView dk(dkb.data(), p.dtype, {B, n, Hkv, D});
-      const TensorView dv(dvb.data(), p.dtype, {B, n, Hkv, D});
+      TensorBuffer dob(device, p.dtype, {B, n, H, D}), dqb(device, p.dtype, {B, n, H, D});
+      TensorBuffer dkb(device, p.dtype, {B, n, Hkv, D}), dvb(device, p.dtype, {B, n, Hkv, D});
+      generate(dob, H, 3);
+      const TensorView dout = dob.view(), dq = dqb.view(), dk = dkb.view(), dv = dvb.view();
       backward(comm, p.spec, p.seq_len, q, k, v, o, lse, dout, nullptr, dq, dk, dv, nullptr,
                options);
     }
     time_s = now_seconds() - t0;
   }
-  const int64_t measured = memory_stats(Device::kCPU).peak_bytes;
+  const int64_t measured = memory_stats(device).peak_bytes;
   const int64_t rss = rss_reset ? peak_rss_since_reset() : peak_rss_bytes();
-  return {static_cast<double>(n), static_cast<double>(plan.ranks[rank].peak),
-          static_cast<double>(measured), static_cast<double>(rss), time_s};
+  // Virtual ranks share this process's counters: the figure to compare is all ranks together.
+  int64_t planned = plan.ranks[rank].peak;
+  if (a.virtual_ranks > 0) {
+    planned = 0;
+    for (const RankMemory& r : plan.ranks) planned += r.peak;
+  }
+  return {static_cast<double>(n), static_cast<double>(planned), static_cast<double>(measured),
+          static_cast<double>(rss), time_s};
 }
 
+void scale_test_rank(Communicator& comm, const ScaleArgs& a, const ProblemFlags::Resolved& base,
+                     const std::vector<int64_t>& lens, const std::vector<PlanMode>& modes,
+                     int threads, Backend backend);
+
 int scale_test_main(MpiSession& session, int argc, char** argv) {
-  MpiCommunicator comm(MPI_COMM_WORLD);
-  const int rank = comm.rank(), world = comm.size();
+  MpiCommunicator mpi(MPI_COMM_WORLD);
   ScaleArgs a;
   po::options_description desc(
       "usage: mpirun -np P ringattn scale-test [options]\n"
@@ -170,6 +189,10 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
                  "infer: tokens decoded after the prefill")(
       "threads", po::value(&a.threads)->default_value(0),
       "CPU kernel threads per rank (0: cores / ranks on the node)")(
+      "backend", po::value(&a.backend)->default_value(a.backend),
+      "auto | cpu | cuda (cuda: tensors and buffers on the GPU, device memory measured)")(
+      "virtual-ranks", po::value(&a.virtual_ranks)->default_value(0),
+      "run P ranks as threads of this one process (with --backend cuda: P ranks on one GPU)")(
       "seed", po::value(&a.seed)->default_value(a.seed), "seed of the synthetic inputs")(
       "json", po::value(&a.json), "write the results as JSON to this file")(
       "csv", po::value(&a.csv), "write the results as CSV to this file (input of --plot)")(
@@ -181,7 +204,8 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
   ProblemFlags::Resolved base;
   std::vector<int64_t> lens;
   std::vector<PlanMode> modes;
-  agree(comm, [&] {
+  Backend backend = Backend::kCpu;
+  agree(mpi, [&] {
     help = parse_options(argc, argv, desc, vm);
     if (help) return;
     base = a.problem.resolve();
@@ -193,18 +217,46 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
     RINGATTN_CHECK(!modes.empty(), "--modes is empty");
     RINGATTN_CHECK(a.decode_tokens >= 0, "--decode-tokens must be >= 0, got ", a.decode_tokens);
     RINGATTN_CHECK(a.threads >= 0, "--threads must be >= 0, got ", a.threads);
-    for (int64_t n : lens) check_sharding(n, world, base.layout, base.spec.sinks);
+    check_virtual_ranks(a.virtual_ranks, mpi.size());
+    backend = select_backend(parse_backend(a.backend), mpi.rank() == 0);
+    for (PlanMode m : modes) {
+      RINGATTN_CHECK_CODE(ErrorCode::kUnsupported,
+                          backend == Backend::kCpu || m != PlanMode::kInfer,
+                          "--modes infer (the KV cache) runs on the CPU backend only in this "
+                          "version (use --backend cpu)");
+    }
+    const int ranks = a.virtual_ranks > 0 ? a.virtual_ranks : mpi.size();
+    for (int64_t n : lens) check_sharding(n, ranks, base.layout, base.spec.sinks);
   });
   if (help) {
-    if (rank == 0) std::cout << desc << "\n";
+    if (mpi.rank() == 0) std::cout << desc << "\n";
     return 0;
   }
-  const int threads = a.threads > 0 ? a.threads : threads_per_rank(session.local_size());
+  const int threads = a.threads > 0 ? a.threads
+                                    : threads_per_rank(a.virtual_ranks > 0 ? a.virtual_ranks
+                                                                           : session.local_size());
+  run_on_ranks(mpi, backend, a.virtual_ranks, [&](Communicator& comm) {
+    scale_test_rank(comm, a, base, lens, modes, threads, backend);
+  });
+  return 0;
+}
+
+void scale_test_rank(Communicator& comm, const ScaleArgs& a, const ProblemFlags::Resolved& base,
+                     const std::vector<int64_t>& lens, const std::vector<PlanMode>& modes,
+                     int threads, Backend backend) {
+  const int rank = comm.rank(), world = comm.size();
+  const Device device = backend_device(backend);
   if (rank == 0) {
     ProblemFlags::Resolved shown = base;
     shown.seq_len = lens.back();
-    std::printf("ringattn scale-test: P=%d seq-lens=%s %s threads/rank=%d\n", world,
-                a.seq_lens.c_str(), a.problem.describe(shown).c_str(), threads);
+    std::printf("ringattn scale-test: P=%d seq-lens=%s %s backend=%s threads/rank=%d\n", world,
+                a.seq_lens.c_str(), a.problem.describe(shown).c_str(), backend_name(backend),
+                threads);
+    if (a.virtual_ranks > 0) {
+      std::printf(
+          "  (virtual ranks share one process: planned is the sum over ranks, measured "
+          "the process's peak, both the same on every row)\n");
+    }
     std::printf("  %-8s %10s %5s %10s %12s %12s %8s %12s %9s\n", "mode", "seq_len", "rank",
                 "tokens", "planned", "measured", "ratio", "peak_rss", "time_s");
     std::fflush(stdout);
@@ -218,10 +270,11 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
     for (int64_t n : lens) {
       ProblemFlags::Resolved p = base;
       p.seq_len = n;
-      const MemoryPlan plan =
-          plan_memory(make_plan_input(a.problem, p, world, mode, threads, a.decode_tokens));
+      PlanInput in = make_plan_input(a.problem, p, world, mode, threads, a.decode_tokens);
+      in.device = device;
+      const MemoryPlan plan = plan_memory(in);
       std::vector<double> table(static_cast<size_t>(world * kCols), 0.0);
-      const std::vector<double> mine = run_one(comm, a, p, mode, threads, plan);
+      const std::vector<double> mine = run_one(comm, a, p, mode, threads, device, plan);
       std::copy(mine.begin(), mine.end(), table.begin() + rank * kCols);
       comm.allreduce(table.data(), table.size(), ReduceType::kF64, ReduceOp::kSum);
       if (rank != 0) continue;
@@ -274,6 +327,7 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
           .add("layout", layout_name(base.layout))
           .add("dtype", dtype_name(base.dtype))
           .add("threads", threads)
+          .add("backend", backend_name(backend))
           .add("max_relative_error", worst)
           .add("runs", rows);
       j.write_file(a.json);
@@ -292,7 +346,6 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
       }
     }
   }
-  return 0;
 }
 
 }  // namespace

@@ -12,7 +12,12 @@
 #include <tuple>
 #include <vector>
 
+#include "ringattn/config.h"
 #include "ringattn/error.h"
+
+#if RINGATTN_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace ringattn {
 namespace detail {
@@ -35,7 +40,8 @@ struct RecvState {
   int destination = 0;
   int tag = 0;
   Status status = Status::kPosted;
-  std::string error;  // non-empty: wait() throws it (size mismatch, abort, timeout)
+  std::string error;  // non-empty: wait() throws it (size mismatch, copy, abort, timeout)
+  ErrorCode error_code = ErrorCode::kInternal;
   bool error_is_abort = false;
 
   std::string describe() const {
@@ -43,16 +49,140 @@ struct RecvState {
   }
 };
 
-// Copies a message into a receive that was matched with it (no lock held: the receive is
-// kCopying, so its buffer is ours).
-void fill(RecvState& recv, const void* data, size_t bytes) {
-  if (bytes != recv.bytes) {
-    recv.error = str_cat("inproc ", recv.describe(), ": expected ", recv.bytes,
-                         " bytes, the matching isend sent ", bytes);
-    return;
-  }
-  if (bytes > 0) std::memcpy(recv.data, data, bytes);
+#if RINGATTN_WITH_CUDA
+
+std::string cuda_text(cudaError_t rc) {
+  return str_cat(cudaGetErrorName(rc), ": ", cudaGetErrorString(rc));
 }
+
+// Throws Error(kCuda) naming the call; clears CUDA's last-error slot so that a non-sticky
+// failure is not reported again by an unrelated later check.
+void check_cuda(cudaError_t rc, const char* call, const std::string& context) {
+  if (rc == cudaSuccess) return;
+  cudaGetLastError();
+  RINGATTN_THROW(ErrorCode::kCuda, "inproc ", context, ": ", call, " failed: ", cuda_text(rc));
+}
+
+// The CUDA side of a world on one device: one copy stream per rank (non-blocking, so the
+// copies never wait for, nor hold up, the ranks' own streams) and device staging of early
+// messages.
+class CudaWorld {
+ public:
+  CudaWorld(int size, int device) : device_(device) {
+    int count = 0;
+    const cudaError_t rc = cudaGetDeviceCount(&count);
+    if (rc != cudaSuccess) cudaGetLastError();
+    RINGATTN_CHECK_CODE(
+        ErrorCode::kUnsupported, rc == cudaSuccess && count > 0,
+        "InprocWorld: a CUDA world needs a CUDA device, found none",
+        rc == cudaSuccess ? std::string() : " (cudaGetDeviceCount: " + cuda_text(rc) + ")");
+    RINGATTN_CHECK(device < count, "InprocWorld: expected a CUDA device index in [0, ", count,
+                   "), found ", device);
+    int previous = 0;
+    check_cuda(cudaGetDevice(&previous), "cudaGetDevice", "world setup");
+    check_cuda(cudaSetDevice(device), "cudaSetDevice", "world setup");
+    try {
+      int pools = 0;
+      check_cuda(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device),
+                 "cudaDeviceGetAttribute", "world setup");
+      device_staging_ = pools != 0;
+      streams_.reserve(static_cast<size_t>(size));
+      for (int r = 0; r < size; ++r) {
+        cudaStream_t stream = nullptr;
+        check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking),
+                   "cudaStreamCreateWithFlags", "world setup");
+        streams_.push_back(stream);
+      }
+    } catch (...) {
+      destroy_streams();
+      cudaSetDevice(previous);
+      throw;
+    }
+    cudaSetDevice(previous);
+  }
+  ~CudaWorld() { destroy_streams(); }
+  CudaWorld(const CudaWorld&) = delete;
+  CudaWorld& operator=(const CudaWorld&) = delete;
+
+  int device() const { return device_; }
+
+  // Makes the world's device current on the calling thread (a rank's thread).
+  void enter() const { check_cuda(cudaSetDevice(device_), "cudaSetDevice", "communicator"); }
+
+  // Copies between any two buffers (host or device) and returns once the copy is complete.
+  void copy(int rank, void* dst, const void* src, size_t bytes, const std::string& what) const {
+    if (bytes == 0) return;
+    const cudaStream_t stream = streams_[static_cast<size_t>(rank)];
+    check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream), "cudaMemcpyAsync",
+               what);
+    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize", what);
+  }
+
+  // Whether p is device (or managed) memory, which the host cannot read directly.
+  bool is_device(const void* p, const std::string& what) const {
+    cudaPointerAttributes attributes{};
+    const cudaError_t rc = cudaPointerGetAttributes(&attributes, p);
+    if (rc == cudaErrorInvalidValue) {
+      cudaGetLastError();  // CUDA before 11 reported plain host memory this way
+      return false;
+    }
+    check_cuda(rc, "cudaPointerGetAttributes", what);
+    return attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged;
+  }
+
+  // A device copy of a device message that no receive was waiting for (null when `src` is
+  // host memory or the device has no stream-ordered allocator: stage on the host then). Freed
+  // on the stager's stream when the last holder lets go; every use of it was synchronised.
+  std::shared_ptr<void> stage_on_device(int rank, const void* src, size_t bytes,
+                                        const std::string& what) const {
+    if (!device_staging_ || bytes == 0 || !is_device(src, what)) return nullptr;
+    const cudaStream_t stream = streams_[static_cast<size_t>(rank)];
+    void* p = nullptr;
+    check_cuda(cudaMallocAsync(&p, bytes, stream), "cudaMallocAsync", what);
+    std::shared_ptr<void> staged(p, [stream](void* q) { cudaFreeAsync(q, stream); });
+    copy(rank, p, src, bytes, what);
+    return staged;
+  }
+
+ private:
+  void destroy_streams() noexcept {
+    for (cudaStream_t stream : streams_) cudaStreamDestroy(stream);
+    streams_.clear();
+  }
+
+  int device_;
+  bool device_staging_ = false;
+  std::vector<cudaStream_t> streams_;
+};
+
+#else
+
+// A build without CUDA has no CUDA worlds; the other members are never reached.
+class CudaWorld {
+ public:
+  CudaWorld(int, int) {
+    RINGATTN_THROW(ErrorCode::kUnsupported,
+                   "InprocWorld: a CUDA world needs a build with CUDA, this build has none "
+                   "(RINGATTN_WITH_CUDA is 0)");
+  }
+  int device() const { return 0; }
+  void enter() const {}
+  void copy(int, void*, const void*, size_t, const std::string&) const {}
+  bool is_device(const void*, const std::string&) const { return false; }
+  std::shared_ptr<void> stage_on_device(int, const void*, size_t, const std::string&) const {
+    return nullptr;
+  }
+};
+
+#endif  // RINGATTN_WITH_CUDA
+
+// A message sent before its receive was posted: a host copy, or a device copy in a CUDA world.
+struct Staged {
+  std::vector<unsigned char> host;
+  std::shared_ptr<void> device;
+  size_t bytes = 0;
+  const void* data() const { return device ? device.get() : host.data(); }
+};
 
 size_t reduce_type_size(ReduceType type) {
   return type == ReduceType::kF32 ? sizeof(float) : sizeof(int64_t);
@@ -156,10 +286,25 @@ void reduce_slice(const std::vector<Part>& parts, ReduceOp op, size_t begin, siz
 
 class InprocState : public std::enable_shared_from_this<InprocState> {
  public:
-  InprocState(int size, std::chrono::milliseconds timeout)
-      : size_(size), timeout_(timeout), next_round_(static_cast<size_t>(size), 0) {}
+  InprocState(int size, std::chrono::milliseconds timeout, Device device, int device_index)
+      : size_(size),
+        device_(device),
+        cuda_(device == Device::kCUDA ? std::make_unique<CudaWorld>(size, device_index) : nullptr),
+        timeout_(timeout),
+        next_round_(static_cast<size_t>(size), 0) {}
+
+  ~InprocState() {
+    // Staged device messages are freed on the copy streams: before cuda_ destroys them.
+    mailboxes_.clear();
+  }
 
   int size() const { return size_; }
+  Device device() const { return device_; }
+  int device_index() const { return cuda_ ? cuda_->device() : 0; }
+  // Prepares the calling thread to play a rank (CUDA: the world's device becomes current).
+  void enter() const {
+    if (cuda_) cuda_->enter();
+  }
 
   void set_timeout(std::chrono::milliseconds timeout) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -196,13 +341,40 @@ class InprocState : public std::enable_shared_from_this<InprocState> {
   using Key = std::tuple<int, int, int>;  // (source, destination, tag)
   struct Mailbox {
     // At most one of the two is non-empty: a message meets a waiting receive or waits itself.
-    std::deque<std::shared_ptr<std::vector<unsigned char>>> unexpected;
+    std::deque<std::shared_ptr<Staged>> unexpected;
     std::deque<std::shared_ptr<RecvState>> posted;
   };
 
   std::string aborted_message(const std::string& context) const {
     return str_cat("in-process world aborted: rank ", failed_rank_, " failed (this rank was in ",
                    context, ")");
+  }
+
+  // Copies `bytes` between two buffers of this world; complete when it returns.
+  void copy(int rank, void* dst, const void* src, size_t bytes, const std::string& what) const {
+    if (cuda_) {
+      cuda_->copy(rank, dst, src, bytes, what);
+    } else if (bytes > 0) {
+      std::memcpy(dst, src, bytes);
+    }
+  }
+
+  // Copies a message into a receive that was matched with it (no lock held: the receive is
+  // kCopying, so its buffer is ours). A failed copy is recorded in the receive and returned.
+  std::string fill(int rank, RecvState& recv, const void* data, size_t bytes) const {
+    if (bytes != recv.bytes) {
+      recv.error = str_cat("inproc ", recv.describe(), ": expected ", recv.bytes,
+                           " bytes, the matching isend sent ", bytes);
+      return std::string();
+    }
+    try {
+      copy(rank, recv.data, data, bytes, recv.describe());
+    } catch (const Error& e) {
+      recv.error = e.message();
+      recv.error_code = e.code();
+      return e.message();
+    }
+    return std::string();
   }
 
   void check_p2p(const char* call, const void* data, size_t bytes, int peer, int tag) const {
@@ -261,12 +433,16 @@ class InprocState : public std::enable_shared_from_this<InprocState> {
     if (posted.empty() && it->second.unexpected.empty()) mailboxes_.erase(it);
   }
 
-  // Sender side of a match: copy without the lock, then publish completion.
-  void deliver(RecvState& recv, const void* data, size_t bytes) {
-    fill(recv, data, bytes);
-    std::lock_guard<std::mutex> lock(mu_);
-    recv.status = RecvState::Status::kDone;
-    cv_.notify_all();
+  // Sender side of a match: copy without the lock, then publish completion. A failed copy
+  // fails the receive and the send.
+  void deliver(int rank, RecvState& recv, const void* data, size_t bytes) {
+    const std::string failure = fill(rank, recv, data, bytes);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      recv.status = RecvState::Status::kDone;
+      cv_.notify_all();
+    }
+    if (!failure.empty()) RINGATTN_THROW(recv.error_code, failure);
   }
 
   // Phase 1 of every collective: publish `mine` in this rank's next round and wait for all
@@ -279,6 +455,8 @@ class InprocState : public std::enable_shared_from_this<InprocState> {
   std::mutex mu_;
   std::condition_variable cv_;
   const int size_;
+  const Device device_;
+  const std::unique_ptr<CudaWorld> cuda_;  // null in a CPU world
   std::chrono::milliseconds timeout_;
   bool aborted_ = false;
   int failed_rank_ = -1;
@@ -304,7 +482,7 @@ class RecvRequest final : public Request {
 
 [[noreturn]] void throw_recorded(const RecvState& recv) {
   if (recv.error_is_abort) throw InprocAbortedError(recv.error);
-  RINGATTN_THROW(ErrorCode::kInternal, recv.error);
+  RINGATTN_THROW(recv.error_code, recv.error);
 }
 
 }  // namespace
@@ -320,18 +498,27 @@ RequestPtr InprocState::isend(int source, const void* data, size_t bytes, int de
   }
   if (std::shared_ptr<RecvState> recv = pop_posted(key)) {
     lock.unlock();
-    deliver(*recv, data, bytes);
+    deliver(source, *recv, data, bytes);
     return std::make_unique<CompletedRequest>();
   }
   // No receive yet: stage a copy without holding the lock. Only this rank sends with this
   // key's source, so no other send can slip in front of this one meanwhile.
   lock.unlock();
-  auto staged = std::make_shared<std::vector<unsigned char>>(bytes);
-  if (bytes > 0) std::memcpy(staged->data(), data, bytes);
+  auto staged = std::make_shared<Staged>();
+  staged->bytes = bytes;
+  if (cuda_) {
+    staged->device = cuda_->stage_on_device(
+        source, data, bytes, str_cat("isend to rank ", destination, " with tag ", tag));
+  }
+  if (!staged->device) {
+    staged->host.resize(bytes);
+    copy(source, staged->host.data(), data, bytes,
+         str_cat("isend to rank ", destination, " with tag ", tag));
+  }
   lock.lock();
   if (std::shared_ptr<RecvState> recv = pop_posted(key)) {
     lock.unlock();
-    deliver(*recv, staged->data(), bytes);
+    deliver(source, *recv, staged->data(), bytes);
   } else {
     mailboxes_[key].unexpected.push_back(std::move(staged));
   }
@@ -351,12 +538,12 @@ RequestPtr InprocState::irecv(int destination, void* data, size_t bytes, int sou
   const Key key{source, destination, tag};
   auto it = mailboxes_.find(key);
   if (it != mailboxes_.end() && !it->second.unexpected.empty()) {
-    std::shared_ptr<std::vector<unsigned char>> message = std::move(it->second.unexpected.front());
+    std::shared_ptr<Staged> message = std::move(it->second.unexpected.front());
     it->second.unexpected.pop_front();
     if (it->second.unexpected.empty() && it->second.posted.empty()) mailboxes_.erase(it);
     lock.unlock();
-    // Nobody else can see `recv` yet: complete it here.
-    fill(*recv, message->data(), message->size());
+    // Nobody else can see `recv` yet: complete it here (a failed copy fails its wait()).
+    fill(destination, *recv, message->data(), message->bytes);
     recv->status = RecvState::Status::kDone;
   } else {
     mailboxes_[key].posted.push_back(recv);
@@ -480,7 +667,12 @@ void InprocState::broadcast(int rank, void* data, size_t bytes, int root) {
   mine.root = root;
   std::shared_ptr<Round> round = arrive(rank, mine);
   if (rank != root && bytes > 0) {
-    std::memcpy(data, round->parts[static_cast<size_t>(root)].data, bytes);
+    try {
+      copy(rank, data, round->parts[static_cast<size_t>(root)].data, bytes, mine.describe());
+    } catch (...) {
+      finish(*round, false);  // the root waits for every rank to be done with its buffer
+      throw;
+    }
   }
   // Only the root's buffer is read by others: only the root must wait for the copies.
   finish(*round, rank == root);
@@ -495,6 +687,14 @@ void InprocState::allreduce(int rank, void* data, size_t count, ReduceType type,
   mine.size = count;
   mine.type = type;
   mine.op = op;
+  // The reduction runs on the host: device inputs are copied out first (correct, not fast:
+  // the runtime allreduces small control data and, in the backward pass, gradients).
+  std::vector<unsigned char> host_input;
+  if (cuda_ && count > 0 && cuda_->is_device(data, mine.describe())) {
+    host_input.resize(count * reduce_type_size(type));
+    copy(rank, host_input.data(), data, host_input.size(), mine.describe());
+    mine.data = host_input.data();
+  }
   std::shared_ptr<Round> round = arrive(rank, mine);
   // Rank r reduces elements [r*count/P, (r+1)*count/P): the work is split, the order of
   // operands per element is not.
@@ -515,7 +715,7 @@ void InprocState::allreduce(int rank, void* data, size_t count, ReduceType type,
   }
   // In place: nobody may overwrite its input until every rank has read all inputs.
   finish(*round, true);
-  if (count > 0) std::memcpy(data, round->result.data(), round->result.size());
+  if (count > 0) copy(rank, data, round->result.data(), round->result.size(), mine.describe());
 }
 
 void InprocState::barrier(int rank) {
@@ -534,7 +734,10 @@ class InprocCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return state_->size(); }
   const char* name() const override { return "inproc"; }
-  bool accepts(Device device) const override { return device == Device::kCPU; }
+  // A CUDA world takes device buffers and still host ones (the runtime's control data).
+  bool accepts(Device device) const override {
+    return device == Device::kCPU || device == state_->device();
+  }
 
   RequestPtr isend(const void* data, size_t bytes, int peer, int tag) override {
     return state_->isend(rank_, data, bytes, peer, tag);
@@ -561,21 +764,31 @@ class InprocCommunicator final : public Communicator {
 }  // namespace
 }  // namespace detail
 
-InprocWorld::InprocWorld(int size, std::chrono::milliseconds wait_timeout) {
+InprocWorld::InprocWorld(int size, std::chrono::milliseconds wait_timeout, Device device,
+                         int device_index) {
   RINGATTN_CHECK(size >= 1, "InprocWorld: expected size >= 1, found ", size);
   RINGATTN_CHECK(wait_timeout.count() >= 0, "InprocWorld: expected wait_timeout >= 0, found ",
                  wait_timeout.count(), " ms");
-  state_ = std::make_shared<detail::InprocState>(size, wait_timeout);
+  RINGATTN_CHECK(device == Device::kCPU || device == Device::kCUDA,
+                 "InprocWorld: expected device cpu or cuda, found ", static_cast<int>(device));
+  RINGATTN_CHECK(device_index >= 0, "InprocWorld: expected device_index >= 0, found ",
+                 device_index);
+  state_ = std::make_shared<detail::InprocState>(size, wait_timeout, device, device_index);
 }
 
 InprocWorld::~InprocWorld() = default;
 
 int InprocWorld::size() const { return state_->size(); }
 
+Device InprocWorld::device() const { return state_->device(); }
+
+int InprocWorld::device_index() const { return state_->device_index(); }
+
 std::unique_ptr<Communicator> InprocWorld::communicator(int rank) {
   RINGATTN_CHECK(rank >= 0 && rank < state_->size(),
                  "InprocWorld::communicator: expected rank in [0, ", state_->size(), "), found ",
                  rank);
+  state_->enter();
   return std::make_unique<detail::InprocCommunicator>(state_, rank);
 }
 

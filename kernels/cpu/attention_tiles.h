@@ -10,13 +10,13 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/tile_classify.h"
 #include "ringattn/attention.h"
 #include "ringattn/memory.h"
 
 namespace ringattn::cpu::detail {
 
-// How a (query tile, key tile) pair relates to the mask.
-enum class TileKind { kSkip, kFull, kPartial };
+using ringattn::TileKind;
 
 struct Bounds {
   int64_t lo = std::numeric_limits<int64_t>::max();
@@ -32,24 +32,9 @@ inline Bounds bounds_of(const int64_t* pos, int64_t begin, int64_t end) {
   return b;
 }
 
-// Decides from the bounding box of positions alone: every (i, j) of the tile lies in
-// [q.lo, q.hi] x [k.lo, k.hi], so "no point of the box is visible" implies the tile is fully
-// masked and "every point of the box is visible" implies no element needs the mask, whatever
-// the order of the positions inside. Anything else is kPartial (exact per-element mask).
+// The tile's relation to the mask from the positions' bounding boxes (kernels/tile_classify.h).
 inline TileKind classify(const AttentionSpec& spec, Bounds q, Bounds k) {
-  // Some visible pair must have j <= i (causal) and, unless a key may be a sink, |i - j| < W.
-  if (spec.causal && k.lo > q.hi) return TileKind::kSkip;
-  if (spec.window > 0 && k.lo >= spec.sinks) {
-    // i - j ranges over [q.lo - k.hi, q.hi - k.lo].
-    if (q.lo - k.hi >= spec.window) return TileKind::kSkip;
-    if (!spec.causal && k.lo - q.hi >= spec.window) return TileKind::kSkip;
-  }
-  const bool causal_ok = !spec.causal || k.hi <= q.lo;
-  bool window_ok = spec.window == 0 || k.hi < spec.sinks;
-  if (!window_ok) {
-    window_ok = q.hi - k.lo < spec.window && (spec.causal || k.hi - q.lo < spec.window);
-  }
-  return causal_ok && window_ok ? TileKind::kFull : TileKind::kPartial;
+  return classify_tile(spec.causal, spec.window, spec.sinks, q.lo, q.hi, k.lo, k.hi);
 }
 
 // Pointer and row stride (elements) of `rows` rows of one head of a [B, N, H, D] tensor as f32:

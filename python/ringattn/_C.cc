@@ -1,6 +1,8 @@
 // ringattn._C: the Python binding, a thin pybind11 layer over the C ABI (ringattn/ringattn.h).
 // Tensors cross as raw data pointers (torch's data_ptr()) plus shapes, so the module never links
 // libtorch; the pure Python side (ringattn/torch.py) checks devices, dtypes and contiguity.
+// Pointers are host memory for "mpi"/"self" communicators and device memory of the
+// communicator's GPU for "nccl" ones (torch CUDA tensors' data_ptr()).
 // Every long call releases the GIL; a failed status becomes ringattn._C.Error.
 
 #include <pybind11/pybind11.h>
@@ -12,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "ringattn/config.h"
 #include "ringattn/ringattn.h"
 
 namespace py = pybind11;
@@ -50,6 +53,14 @@ class Comm {
     }
     return std::make_unique<Comm>(h);
   }
+  static std::unique_ptr<Comm> nccl() {
+    ringattn_comm* h = nullptr;
+    {
+      py::gil_scoped_release release;
+      check(ringattn_comm_create_nccl(&h));
+    }
+    return std::make_unique<Comm>(h);
+  }
   static std::unique_ptr<Comm> self() {
     ringattn_comm* h = nullptr;
     check(ringattn_comm_create_self(&h));
@@ -71,6 +82,11 @@ class Comm {
     return s;
   }
   std::string name() const { return ringattn_comm_name(handle_); }
+  int device() const {
+    int d = -1;
+    check(ringattn_comm_device(get(), &d));
+    return d;
+  }
   void close() {
     ringattn_comm* h = handle_;
     handle_ = nullptr;
@@ -110,6 +126,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("version", &ringattn_version, "Library version string.");
   m.def("abi_version", &ringattn_abi_version, "C ABI version of the loaded library.");
+  m.attr("WITH_CUDA") = static_cast<bool>(RINGATTN_WITH_CUDA);
+  m.attr("WITH_NCCL") = static_cast<bool>(RINGATTN_WITH_NCCL);
   m.attr("F32") = static_cast<int>(RINGATTN_F32);
   m.attr("BF16") = static_cast<int>(RINGATTN_BF16);
   m.attr("F16") = static_cast<int>(RINGATTN_F16);
@@ -123,12 +141,18 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX") = static_cast<int>(RINGATTN_MAX);
   m.attr("MIN") = static_cast<int>(RINGATTN_MIN);
 
-  py::class_<Comm>(m, "Comm", "A communicator handle (MPI_COMM_WORLD or a one-rank self).")
+  py::class_<Comm>(m, "Comm",
+                   "A communicator handle (MPI_COMM_WORLD over MPI or NCCL, or a one-rank self).")
       .def_static("mpi", &Comm::mpi, "Communicator over MPI_COMM_WORLD (initialises MPI).")
+      .def_static("nccl", &Comm::nccl,
+                  "Communicator over MPI_COMM_WORLD on CUDA device buffers (NCCL; initialises "
+                  "MPI; one GPU per rank, by node-local rank; a collective).")
       .def_static("self", &Comm::self, "One-rank communicator without MPI.")
       .def_property_readonly("rank", &Comm::rank)
       .def_property_readonly("size", &Comm::size)
       .def_property_readonly("name", &Comm::name)
+      .def_property_readonly("device", &Comm::device,
+                             "CUDA device of the tensors ('nccl'), -1 for host tensors.")
       .def("close", &Comm::close, "Frees the handle now (collective for MPI).")
       .def(
           "allreduce",
@@ -202,7 +226,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("layout"), py::arg("seq_len"), py::arg("shape"), py::arg("dtype"), py::arg("q"),
       py::arg("k"), py::arg("v"), py::arg("sink_logits"), py::arg("o"), py::arg("lse"),
       py::arg("num_threads") = 0,
-      "Ring forward over data pointers (0 = null for sink_logits and lse). A collective.");
+      "Ring forward over data pointers (0 = null for sink_logits and lse). A collective; "
+      "blocking (CUDA inputs must be ready: synchronise their stream first).");
 
   m.def(
       "backward",
@@ -224,5 +249,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("dout"),
       py::arg("sink_logits"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dsink"),
       py::arg("num_threads") = 0,
-      "Ring backward over data pointers (0 = null for sink_logits and dsink). A collective.");
+      "Ring backward over data pointers (0 = null for sink_logits and dsink). A collective; "
+      "blocking (CUDA inputs must be ready: synchronise their stream first).");
 }

@@ -4,6 +4,10 @@ The process's communicator is MPI_COMM_WORLD when the process was started by an 
 (mpirun sets OMPI_COMM_WORLD_SIZE / PMI_SIZE / PMIX_RANK), otherwise a one-rank communicator
 that needs no MPI. RINGATTN_COMM=mpi|self overrides the choice. MPI is finalised at exit.
 
+CUDA tensors go through a second, process-wide communicator over the same ranks,
+nccl_communicator(): NCCL on one GPU per rank (the node-local rank's), created on first use
+(a collective). ringattn.torch.ring_attention picks it for CUDA tensors by itself.
+
     from ringattn.torch import ring_attention          # the autograd op
     import ringattn
     ringattn.rank(), ringattn.world_size()
@@ -21,6 +25,8 @@ __all__ = [
     "Error",
     "version",
     "get_comm",
+    "nccl_communicator",
+    "has_nccl",
     "rank",
     "world_size",
     "barrier",
@@ -43,6 +49,7 @@ _LAYOUTS = {
 _LAYOUT_NAMES = {v: k for k, v in _LAYOUTS.items()}
 
 _comm = None
+_nccl_comm = None
 
 
 def _launched_by_mpi():
@@ -60,9 +67,30 @@ def get_comm():
     return _comm
 
 
+def has_nccl():
+    """Whether this build of the library has NCCL (CUDA tensors need it)."""
+    return bool(_C.WITH_NCCL)
+
+
+def nccl_communicator():
+    """The process's communicator for CUDA tensors: NCCL over MPI_COMM_WORLD (initialising MPI
+    like get_comm; a one-rank world without an MPI launcher), one GPU per rank chosen by the
+    node-local rank, which becomes this thread's current CUDA device. Created on first use, a
+    collective: every rank must call it (ring_attention on CUDA tensors does). Its .device is the
+    CUDA device index the rank's tensors must be on. Raises ringattn.Error ("unsupported") in a
+    build without NCCL, on a node without a GPU or with more ranks than GPUs."""
+    global _nccl_comm
+    if _nccl_comm is None:
+        _nccl_comm = _C.Comm.nccl()
+    return _nccl_comm
+
+
 @atexit.register
 def _shutdown():
-    global _comm
+    global _comm, _nccl_comm
+    if _nccl_comm is not None:
+        _nccl_comm.close()
+        _nccl_comm = None
     if _comm is not None:
         _comm.close()
         _comm = None
@@ -76,8 +104,9 @@ def _excepthook(etype, value, tb):
     """An uncaught exception on one rank of an MPI job would leave the others waiting in a
     collective forever (and MPI_Finalize at exit waits for them): print it, then end the job."""
     _previous_excepthook(etype, value, tb)
-    if _comm is not None and _comm.name == "mpi" and _comm.size > 1:
-        sys.stderr.write(f"ringattn: rank {_comm.rank} raised {etype.__name__}; aborting the MPI "
+    comm = _comm if _comm is not None and _comm.name == "mpi" else _nccl_comm
+    if comm is not None and comm.size > 1:
+        sys.stderr.write(f"ringattn: rank {comm.rank} raised {etype.__name__}; aborting the MPI "
                          "job so that no rank waits forever\n")
         sys.stderr.flush()
         _C.mpi_abort(1)
@@ -149,15 +178,17 @@ def shard_positions(seq_len, causal=False, window=0, sinks=0, layout="auto", wor
 
 
 def shard(x, dim=1, causal=False, window=0, sinks=0, layout="auto"):
-    """This rank's tokens of a whole-sequence tensor (sequence along `dim`), in local order."""
+    """This rank's tokens of a whole-sequence tensor (sequence along `dim`), in local order, on
+    x's device."""
     pos = shard_positions(x.shape[dim], causal, window, sinks, layout)
-    return x.index_select(dim, pos).contiguous()
+    return x.index_select(dim, pos.to(x.device)).contiguous()
 
 
 def unshard(x_local, seq_len, dim=1, causal=False, window=0, sinks=0, layout="auto"):
     """Gathers every rank's shard into the whole-sequence tensor, on every rank. A collective
     (one allreduce: each rank contributes its positions, zeros elsewhere, so the sum is exact).
-    Floating types come back in x_local's dtype (summed in float32/float64)."""
+    Floating types come back in x_local's dtype (summed in float32/float64), on x_local's device
+    (a CUDA tensor is gathered through host memory)."""
     torch = _torch()
     pos = shard_positions(seq_len, causal, window, sinks, layout)
     if x_local.shape[dim] != pos.numel():
@@ -168,6 +199,6 @@ def unshard(x_local, seq_len, dim=1, causal=False, window=0, sinks=0, layout="au
     shape = list(x_local.shape)
     shape[dim] = seq_len
     full = torch.zeros(shape, dtype=wide)
-    full.index_copy_(dim, pos, x_local.detach().to(wide))
+    full.index_copy_(dim, pos, x_local.detach().cpu().to(wide))
     allreduce_(full)
-    return full.to(x_local.dtype)
+    return full.to(device=x_local.device, dtype=x_local.dtype)

@@ -12,11 +12,11 @@ import torch
 __all__ = ["visible_mask", "dense_attention"]
 
 
-def visible_mask(seq_len, causal=False, window=0, sinks=0):
-    """[N, N] bool, True where query i (row) sees key j (column)."""
-    i = torch.arange(seq_len).view(-1, 1)
-    j = torch.arange(seq_len).view(1, -1)
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool)
+def visible_mask(seq_len, causal=False, window=0, sinks=0, device=None):
+    """[N, N] bool on `device` (default CPU), True where query i (row) sees key j (column)."""
+    i = torch.arange(seq_len, device=device).view(-1, 1)
+    j = torch.arange(seq_len, device=device).view(1, -1)
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
     if causal:
         mask &= j <= i
     if window > 0:
@@ -29,7 +29,8 @@ def visible_mask(seq_len, causal=False, window=0, sinks=0):
 def dense_attention(q, k, v, causal=False, window=0, sinks=0, sink_logits=None, scale=None,
                     return_lse=False):
     """q [B, N, H, D], k and v [B, N, H_kv, D] (GQA: query head h reads kv head h // (H/H_kv)),
-    sink_logits [H]. Computes in float32; returns o in q's dtype (and lse [B, H, N] float32).
+    sink_logits [H]. Computes in float32 on q's device; returns o in q's dtype (and lse [B, H, N]
+    float32).
     A row that sees nothing gets o = 0 and lse = -inf."""
     b, n, h, d = q.shape
     group = h // k.shape[2]
@@ -38,7 +39,7 @@ def dense_attention(q, k, v, causal=False, window=0, sinks=0, sink_logits=None, 
     kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)      # [B, H, N, D]
     vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
     s = scale * torch.matmul(qf, kf.transpose(-1, -2))                   # [B, H, N, N]
-    s = s.masked_fill(~visible_mask(n, causal, window, sinks), float("-inf"))
+    s = s.masked_fill(~visible_mask(n, causal, window, sinks, device=q.device), float("-inf"))
     if sink_logits is not None:
         s = torch.cat([s, sink_logits.float().view(1, h, 1, 1).expand(b, h, n, 1)], dim=-1)
     lse = torch.logsumexp(s, dim=-1)                                     # [B, H, N]

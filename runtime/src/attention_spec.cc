@@ -93,6 +93,8 @@ AttentionShape check_attention_args(const AttentionSpec& spec, const TensorView&
     RINGATTN_CHECK(o->size(0) == s.batch && o->size(1) == s.q_len && o->size(2) == s.heads &&
                        o->size(3) == s.head_dim && o->stride(3) == 1,
                    "o must have the shape of q ", q.describe(), ", got ", o->describe());
+    RINGATTN_CHECK(o->device() == q.device(), "o must be on the device of q (",
+                   device_name(q.device()), "), got ", device_name(o->device()));
   }
   if (lse != nullptr && lse->data() != nullptr) {
     check_rank(*lse, "lse", 3, "[B, H, N]");
@@ -101,12 +103,16 @@ AttentionShape check_attention_args(const AttentionSpec& spec, const TensorView&
                    "lse must be [B, H, N] = [", s.batch, ", ", s.heads, ", ", s.q_len, "], got ",
                    lse->describe());
     RINGATTN_CHECK(lse->is_contiguous(), "lse must be contiguous");
+    RINGATTN_CHECK(lse->device() == q.device(), "lse must be on the device of q (",
+                   device_name(q.device()), "), got ", device_name(lse->device()));
   }
   if (sink_logits != nullptr && sink_logits->data() != nullptr) {
     RINGATTN_CHECK(sink_logits->ndim() == 1 && sink_logits->size(0) == s.heads &&
                        sink_logits->dtype() == DType::kF32 && sink_logits->is_contiguous(),
                    "sink_logits must be [H] f32 with H=", s.heads, ", got ",
                    sink_logits->describe());
+    RINGATTN_CHECK(sink_logits->device() == q.device(), "sink_logits must be on the device of q (",
+                   device_name(q.device()), "), got ", device_name(sink_logits->device()));
   }
   return s;
 }

@@ -10,10 +10,6 @@
 
 namespace ringattn {
 
-// The CUDA attention kernels are not part of this version: the CUDA build has device discovery
-// only, so every run uses the CPU kernels.
-constexpr bool kCudaAttentionKernels = false;
-
 Backend parse_backend(const std::string& name) {
   if (name == "auto") return Backend::kAuto;
   if (name == "cpu") return Backend::kCpu;
@@ -51,15 +47,12 @@ Backend select_backend(Backend requested, bool print_notice) {
                         "RINGATTN_CUDA=ON)");
     RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, devices > 0,
                         "--backend cuda: no CUDA device is visible to this process");
-    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, kCudaAttentionKernels,
-                        "--backend cuda: the CUDA attention kernels are not in this version");
     return Backend::kCuda;
   }
-  if (devices > 0 && kCudaAttentionKernels) return Backend::kCuda;
-  if (print_notice && RINGATTN_WITH_CUDA) {
-    std::fprintf(
-        stderr, "ringattn: %s; using the CPU backend\n",
-        devices == 0 ? "no CUDA device found" : "this version has no CUDA attention kernels");
+  if (devices > 0) return Backend::kCuda;
+  if (print_notice) {
+    std::fprintf(stderr, "ringattn: %s; using the CPU backend\n",
+                 RINGATTN_WITH_CUDA ? "no CUDA device found" : "this build has no CUDA support");
   }
   return Backend::kCpu;
 }

@@ -1,12 +1,18 @@
 // The C ABI (ringattn/ringattn.h) over the C++ API. Every entry point runs its body inside
 // guarded(), which turns any exception into a status code and the thread's last-error message:
 // nothing ever propagates across the extern "C" boundary.
+//
+// Argument checks of forward/backward run inside agree() over the call's communicator, so a bad
+// argument on one rank is an error on every rank (the ring then agrees again on its own checks):
+// one extra small allreduce per call buys "never a hang" for the ABI's checks too.
 
 #include <algorithm>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <string>
 
 #include "comm/inproc/inproc_communicator.h"
@@ -16,10 +22,19 @@
 #include "ringattn/ring.h"
 #include "ringattn/ringattn.h"
 #include "runtime/src/sharding.h"
+#if RINGATTN_WITH_CUDA
+#include "kernels/cuda/cuda_memory.h"
+#endif
+#if RINGATTN_WITH_NCCL
+#include <cuda_runtime_api.h>
+
+#include "comm/nccl/nccl_communicator.h"
+#endif
 
 struct ringattn_comm {
   std::unique_ptr<ringattn::InprocWorld> world;  // set for the one-rank "self" communicator
   std::unique_ptr<ringattn::Communicator> comm;
+  int device = -1;  // the CUDA device of an "nccl" communicator's tensors; -1: host tensors
 };
 
 namespace ringattn {
@@ -90,22 +105,38 @@ DType to_dtype(int dtype, const char* fn) {
   return static_cast<DType>(dtype);
 }
 
+// Where a communicator's tensors live: host memory, or device memory of one GPU.
+struct Place {
+  Device device = Device::kCPU;
+  int index = 0;
+};
+
+Place place_of(const ringattn_comm* c) {
+  return c->device >= 0 ? Place{Device::kCUDA, c->device} : Place{};
+}
+
 // Views of one rank's tensors over raw pointers, after checking the shape and the pointers.
 struct Views {
   TensorView q, k, v, lse, sink;
   // Tensors shaped like q / like k (o, dout, dq; dk, dv).
-  TensorView like_q(const void* p) const { return make(p, dtype, q_shape); }
-  TensorView like_k(const void* p) const { return make(p, dtype, k_shape); }
+  TensorView like_q(const void* p) const { return make(p, q_shape); }
+  TensorView like_k(const void* p) const { return make(p, k_shape); }
+  // An f32 tensor of `shape` (lse [B, H, N], dsink [H]).
+  TensorView f32(const float* p, std::initializer_list<int64_t> shape) const {
+    return TensorView(const_cast<float*>(p), DType::kF32, shape, place.device, place.index);
+  }
 
   DType dtype = DType::kF32;
+  Place place;
   int64_t q_shape[4] = {}, k_shape[4] = {};
 
-  static TensorView make(const void* p, DType dt, const int64_t (&shape)[4]) {
-    return TensorView(const_cast<void*>(p), dt, {shape[0], shape[1], shape[2], shape[3]});
+  TensorView make(const void* p, const int64_t (&shape)[4]) const {
+    return TensorView(const_cast<void*>(p), dtype, {shape[0], shape[1], shape[2], shape[3]},
+                      place.device, place.index);
   }
 };
 
-Views make_views(const char* fn, const ringattn_shape* shape, int dtype, const void* q,
+Views make_views(const char* fn, Place place, const ringattn_shape* shape, int dtype, const void* q,
                  const void* k, const void* v, const float* lse, const float* sink_logits) {
   check_out(shape, fn, "shape");
   const int64_t dims[] = {shape->batch, shape->seq_local, shape->heads, shape->kv_heads,
@@ -124,6 +155,7 @@ Views make_views(const char* fn, const ringattn_shape* shape, int dtype, const v
   }
   Views w;
   w.dtype = to_dtype(dtype, fn);
+  w.place = place;
   const int64_t b = shape->batch, n = shape->seq_local, d = shape->head_dim;
   const int64_t qs[4] = {b, n, shape->heads, d}, ks[4] = {b, n, shape->kv_heads, d};
   std::copy(qs, qs + 4, w.q_shape);
@@ -135,14 +167,79 @@ Views make_views(const char* fn, const ringattn_shape* shape, int dtype, const v
   w.q = w.like_q(q);
   w.k = w.like_k(k);
   w.v = w.like_k(v);
-  if (lse != nullptr) {
-    w.lse = TensorView(const_cast<float*>(lse), DType::kF32, {b, shape->heads, n});
-  }
-  if (sink_logits != nullptr) {
-    w.sink = TensorView(const_cast<float*>(sink_logits), DType::kF32, {shape->heads});
-  }
+  if (lse != nullptr) w.lse = w.f32(lse, {b, shape->heads, n});
+  if (sink_logits != nullptr) w.sink = w.f32(sink_logits, {shape->heads});
   return w;
 }
+
+// A tensor argument by name, for the location check.
+struct NamedView {
+  const char* name;
+  const TensorView* view;
+};
+
+// With an "nccl" communicator every tensor must be memory of its GPU: the kernels would fault on
+// a host pointer (and read another GPU's memory slowly or not at all), and the ring cannot tell,
+// since the ABI tags every view kCUDA. Host communicators are not checked: asking the CUDA
+// runtime about a pointer would create a CUDA context in CPU-only processes.
+void check_places(const char* fn, Place place, std::initializer_list<NamedView> tensors) {
+  if (place.device != Device::kCUDA) return;
+#if RINGATTN_WITH_NCCL
+  for (const NamedView& t : tensors) {
+    if (t.view == nullptr || t.view->data() == nullptr || t.view->numel() == 0) continue;
+    cudaPointerAttributes a{};
+    const cudaError_t rc = cudaPointerGetAttributes(&a, t.view->data());
+    if (rc == cudaErrorInvalidValue) {
+      cudaGetLastError();  // CUDA before 11 reported plain host memory this way
+      a.type = cudaMemoryTypeUnregistered;
+    } else if (rc != cudaSuccess) {
+      cudaGetLastError();
+      RINGATTN_THROW(ErrorCode::kCuda, fn, ": cudaPointerGetAttributes(", t.name,
+                     ") failed: ", cudaGetErrorString(rc));
+    }
+    if (a.type == cudaMemoryTypeManaged) continue;
+    RINGATTN_CHECK(a.type == cudaMemoryTypeDevice, fn, ": expected ", t.name,
+                   " in device memory of CUDA device ", place.index,
+                   " (the nccl communicator's), found ",
+                   a.type == cudaMemoryTypeHost ? "pinned host memory" : "host memory");
+    RINGATTN_CHECK(a.device == place.index, fn, ": expected ", t.name, " in memory of CUDA device ",
+                   place.index, " (the nccl communicator's), found memory of CUDA device ",
+                   a.device);
+  }
+#else
+  (void)tensors;
+  RINGATTN_THROW(ErrorCode::kUnsupported, fn, ": CUDA tensors need a build with NCCL");
+#endif
+}
+
+// Makes a CUDA communicator's GPU the calling thread's current device while it lives (the CUDA
+// engine runs on the current device; PyTorch's autograd calls backward from its own threads)
+// and restores the caller's device afterwards. Nothing for host communicators.
+class DeviceScope {
+ public:
+  explicit DeviceScope(Place place) {
+    if (place.device != Device::kCUDA) return;
+#if RINGATTN_WITH_CUDA
+    previous_ = cuda::current_device();
+    if (previous_ != place.index) cuda::set_device(place.index);
+#endif
+  }
+  ~DeviceScope() {
+#if RINGATTN_WITH_CUDA
+    if (previous_ < 0) return;
+    try {
+      cuda::set_device(previous_);
+    } catch (...) {
+      // Restoring is best effort: the call's own result is what the caller needs to see.
+    }
+#endif
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
 
 }  // namespace
 }  // namespace ringattn
@@ -190,6 +287,29 @@ ringattn_status ringattn_comm_create_self(ringattn_comm** out) {
   });
 }
 
+ringattn_status ringattn_comm_create_nccl(ringattn_comm** out) {
+  return guarded([&] {
+    check_out(out, "ringattn_comm_create_nccl", "out");
+    *out = nullptr;
+#if RINGATTN_WITH_NCCL
+    {
+      std::lock_guard<std::mutex> lock(g_session_mutex);
+      if (!g_session) g_session = std::make_unique<MpiSession>();
+    }
+    auto handle = std::make_unique<ringattn_comm>();
+    std::unique_ptr<NcclCommunicator> nccl = make_nccl_communicator(MPI_COMM_WORLD);
+    handle->device = nccl->device();
+    handle->comm = std::move(nccl);
+    *out = handle.release();
+#else
+    RINGATTN_THROW(ErrorCode::kUnsupported,
+                   "ringattn_comm_create_nccl: this build of ringattn has no NCCL (configure "
+                   "with CUDA and NCCL installed, RINGATTN_CUDA=ON); use "
+                   "ringattn_comm_create_mpi with host tensors");
+#endif
+  });
+}
+
 ringattn_status ringattn_comm_destroy(ringattn_comm* comm) {
   return guarded([&] { delete comm; });
 }
@@ -210,6 +330,14 @@ ringattn_status ringattn_comm_size(const ringattn_comm* comm, int* size) {
 
 const char* ringattn_comm_name(const ringattn_comm* comm) {
   return comm != nullptr && comm->comm != nullptr ? comm->comm->name() : "";
+}
+
+ringattn_status ringattn_comm_device(const ringattn_comm* comm, int* device) {
+  return guarded([&] {
+    check_out(device, "ringattn_comm_device", "device");
+    checked_comm(comm, "ringattn_comm_device");
+    *device = comm->device;
+  });
 }
 
 ringattn_status ringattn_allreduce(ringattn_comm* comm, void* data, int64_t count, int type,
@@ -302,12 +430,28 @@ ringattn_status ringattn_forward(ringattn_comm* comm, const ringattn_spec* spec,
   return guarded([&] {
     const char* fn = "ringattn_forward";
     Communicator& c = checked_comm(comm, fn);
-    const AttentionSpec s = to_spec(spec, fn);
-    const Views w = make_views(fn, shape, dtype, q, k, v, lse, sink_logits);
-    RINGATTN_CHECK(o != nullptr || w.q.numel() == 0, fn, ": expected a non-null o, found null");
+    const Place place = place_of(comm);
+    std::optional<DeviceScope> device;
+    AttentionSpec s;
+    Views w;
+    TensorView o_view;
+    agree(c, [&] {
+      device.emplace(place);
+      s = to_spec(spec, fn);
+      w = make_views(fn, place, shape, dtype, q, k, v, lse, sink_logits);
+      RINGATTN_CHECK(o != nullptr || w.q.numel() == 0, fn, ": expected a non-null o, found null");
+      o_view = w.like_q(o);
+      check_places(fn, place,
+                   {{"q", &w.q},
+                    {"k", &w.k},
+                    {"v", &w.v},
+                    {"sink_logits", &w.sink},
+                    {"o", &o_view},
+                    {"lse", &w.lse}});
+    });
     RingOptions options;
     options.num_threads = num_threads;
-    forward(c, s, seq_len, w.q, w.k, w.v, sink_logits ? &w.sink : nullptr, w.like_q(o),
+    forward(c, s, seq_len, w.q, w.k, w.v, sink_logits ? &w.sink : nullptr, o_view,
             lse ? &w.lse : nullptr, options);
   });
 }
@@ -320,23 +464,45 @@ ringattn_status ringattn_backward(ringattn_comm* comm, const ringattn_spec* spec
   return guarded([&] {
     const char* fn = "ringattn_backward";
     Communicator& c = checked_comm(comm, fn);
-    const AttentionSpec s = to_spec(spec, fn);
-    const Views w = make_views(fn, shape, dtype, q, k, v, lse, sink_logits);
-    const bool empty_q = w.q.numel() == 0, empty_k = w.k.numel() == 0;
-    RINGATTN_CHECK(empty_q || (o != nullptr && dout != nullptr && dq != nullptr && lse != nullptr),
-                   fn, ": expected non-null o, lse, dout and dq, found null");
-    RINGATTN_CHECK(empty_k || (dk != nullptr && dv != nullptr), fn,
-                   ": expected non-null dk and dv, found null");
-    TensorView lse_view = w.lse;
-    if (lse == nullptr) {
-      lse_view = TensorView(nullptr, DType::kF32, {shape->batch, shape->heads, shape->seq_local});
-    }
-    TensorView dsink_view;
-    if (dsink != nullptr) dsink_view = TensorView(dsink, DType::kF32, {shape->heads});
+    const Place place = place_of(comm);
+    std::optional<DeviceScope> device;
+    AttentionSpec s;
+    Views w;
+    TensorView o_view, lse_view, dout_view, dq_view, dk_view, dv_view, dsink_view;
+    agree(c, [&] {
+      device.emplace(place);
+      s = to_spec(spec, fn);
+      w = make_views(fn, place, shape, dtype, q, k, v, lse, sink_logits);
+      const bool empty_q = w.q.numel() == 0, empty_k = w.k.numel() == 0;
+      RINGATTN_CHECK(
+          empty_q || (o != nullptr && dout != nullptr && dq != nullptr && lse != nullptr), fn,
+          ": expected non-null o, lse, dout and dq, found null");
+      RINGATTN_CHECK(empty_k || (dk != nullptr && dv != nullptr), fn,
+                     ": expected non-null dk and dv, found null");
+      o_view = w.like_q(o);
+      lse_view = w.f32(lse, {shape->batch, shape->heads, shape->seq_local});
+      dout_view = w.like_q(dout);
+      dq_view = w.like_q(dq);
+      dk_view = w.like_k(dk);
+      dv_view = w.like_k(dv);
+      if (dsink != nullptr) dsink_view = w.f32(dsink, {shape->heads});
+      check_places(fn, place,
+                   {{"q", &w.q},
+                    {"k", &w.k},
+                    {"v", &w.v},
+                    {"o", &o_view},
+                    {"lse", &lse_view},
+                    {"dout", &dout_view},
+                    {"sink_logits", &w.sink},
+                    {"dq", &dq_view},
+                    {"dk", &dk_view},
+                    {"dv", &dv_view},
+                    {"dsink", &dsink_view}});
+    });
     RingOptions options;
     options.num_threads = num_threads;
-    backward(c, s, seq_len, w.q, w.k, w.v, w.like_q(o), lse_view, w.like_q(dout),
-             sink_logits ? &w.sink : nullptr, w.like_q(dq), w.like_k(dk), w.like_k(dv),
+    backward(c, s, seq_len, w.q, w.k, w.v, o_view, lse_view, dout_view,
+             sink_logits ? &w.sink : nullptr, dq_view, dk_view, dv_view,
              dsink ? &dsink_view : nullptr, options);
   });
 }

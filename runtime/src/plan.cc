@@ -10,6 +10,7 @@
 
 #include "kernels/cpu/attention_cpu.h"
 #include "kernels/cpu/attention_cpu_bwd.h"
+#include "kernels/cuda/attention_cuda.h"
 #include "ringattn/error.h"
 #include "ringattn/kv_cache.h"
 #include "runtime/src/ring_buffers.h"
@@ -63,6 +64,19 @@ ForwardRuntime plan_forward_runtime(const PlanInput& in, const RingPlan& plan, i
   f.ring_buffers = forward_ring_bytes(plan, dm);
   // The sink block [k; v] and its positions live only while the sinks are folded.
   f.sink_copy = sinks > 0 ? 2 * dm.kv_like(sinks) + sinks * kI64 : 0;
+  if (in.device == Device::kCUDA) {
+    // On the GPU (ring_engine.cc, CudaEngine): q_pos and a key-position buffer that grows to
+    // the largest fold (the sinks' first) are device copies; the sink positions live in the
+    // latter; the kernels' workspace is the per-thread tile-bounds scratch.
+    const int64_t kpos = std::max(need, sinks) * kI64;
+    f.positions = n * kI64 + kpos;
+    f.sink_copy = sinks > 0 ? 2 * dm.kv_like(sinks) : 0;
+    f.kernel_workspace =
+        cuda::fold_scratch_bytes(false, in.dtype, in.head_dim, n, std::max(need, sinks));
+    f.peak = n * kI64 + f.softmax_state +
+             std::max(sinks > 0 ? f.sink_copy + sinks * kI64 : 0, f.ring_buffers + kpos);
+    return f;
+  }
   // The kernel's per-thread workspace grows to the largest fold (every component of it grows
   // with the keys of the fold) and is kept: see plan_memory.
   f.kernel_workspace = cpu::fold_workspace_bytes(in.spec, in.batch, in.heads, in.head_dim, n,
@@ -107,6 +121,17 @@ BackwardRuntime plan_backward_runtime(const PlanInput& in, const RingPlan& plan,
         3 * 2 * dm.kv_f32(routes.max_tokens()) + 2 * dm.kv_f32(routes.home_tokens(rank));
   }
   bw.sink_copy = sinks > 0 ? 2 * dm.kv_like(sinks) + sinks * kI64 : 0;
+  if (in.device == Device::kCUDA) {
+    // As the forward on the GPU; the backward state holds Delta and dq (lse is read in place).
+    const int64_t kpos = std::max(need, sinks) * kI64;
+    bw.positions = n * kI64 + kpos;
+    bw.state = dm.b * dm.h * n * kF32 + dm.b * n * dm.h * dm.d * kF32;
+    bw.sink_copy = sinks > 0 ? 2 * dm.kv_like(sinks) : 0;
+    bw.workspace = cuda::fold_scratch_bytes(true, in.dtype, in.head_dim, n, std::max(need, sinks));
+    bw.peak = n * kI64 + bw.state + bw.grad_accumulators +
+              std::max(sinks > 0 ? bw.sink_copy + sinks * kI64 : 0, bw.ring_buffers + kpos);
+    return bw;
+  }
   bw.workspace = cpu::backward_workspace_bytes(in.spec, in.batch, in.kv_heads, in.head_dim, n,
                                                std::max(need, sinks), in.dtype, in.threads);
   bw.peak =
@@ -228,7 +253,11 @@ MemoryPlan plan_memory(const PlanInput& in) {
       // The gradient tensors exist from the backward on; the forward's buffers are released
       // before the backward's are allocated.
       const int64_t grads = m.dout + m.dq + m.dk + m.dv;
-      m.peak = tensors + f.kernel_workspace + bw.workspace + std::max(f.peak, grads + bw.peak);
+      // On the GPU both passes share one per-thread scratch, which grows to the larger.
+      const int64_t workspaces = in.device == Device::kCUDA
+                                     ? std::max(f.kernel_workspace, bw.workspace)
+                                     : f.kernel_workspace + bw.workspace;
+      m.peak = tensors + workspaces + std::max(f.peak, grads + bw.peak);
     }
     if (m.peak > mp.ranks[static_cast<size_t>(mp.max_rank)].peak) mp.max_rank = r;
   }

@@ -14,11 +14,11 @@
 #include <cstring>
 #include <vector>
 
-#include "kernels/cpu/attention_cpu.h"
 #include "ringattn/memory.h"
 #include "ringattn/ring.h"
 #include "runtime/src/ring_buffers.h"
 #include "runtime/src/ring_common.h"
+#include "runtime/src/ring_engine.h"
 #include "runtime/src/ring_plan.h"
 
 namespace ringattn {
@@ -89,8 +89,10 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
   const HostVector<int64_t>& q_pos = positions.q_pos;
   HostVector<int64_t>& k_pos = positions.k_pos;
 
-  cpu::SoftmaxStateCpu state(shape.batch, n_local, shape.heads, shape.head_dim);
-  const BlockCodec codec(shape.batch, shape.kv_heads, shape.head_dim, q.dtype());
+  const std::unique_ptr<detail::RingEngine> engine =
+      detail::make_engine(q.device(), options.num_threads);
+  engine->begin_forward(shape.batch, n_local, shape.heads, shape.head_dim, q_pos.data());
+  const BlockCodec codec(shape.batch, shape.kv_heads, shape.head_dim, q.dtype(), q.device());
 
   auto fold = [&](const Block& blk, IndexRange need) {
     if (!blk.valid() || need.empty()) {
@@ -103,8 +105,7 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
     k_pos.resize(static_cast<size_t>(need.size()));
     plan.shard(blk.origin).positions(need.lo, need.hi, k_pos.data());
     const Clock::time_point t0 = Clock::now();
-    const cpu::FoldStats fs =
-        cpu::fold_block(spec, q, q_pos.data(), kb, vb, k_pos.data(), state, options.num_threads);
+    const cpu::FoldStats fs = engine->fold(spec, q, kb, vb, k_pos.data());
     st.compute_s += seconds_since(t0);
     st.tiles_computed += fs.tiles_computed;
     st.tiles_skipped += fs.tiles_skipped;
@@ -116,19 +117,19 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
   // [k; v] of positions 0..S-1; everyone folds it first. The plan never carries those keys.
   if (spec.sinks > 0) {
     const Clock::time_point t0 = Clock::now();
-    HostVector<char> sink_buf;
-    const Block sinks = broadcast_sinks(comm, codec, k, v, spec.sinks, sink_buf, st);
+    detail::ByteBuffer sink_buf;
+    const Block sinks = broadcast_sinks(comm, *engine, codec, k, v, spec.sinks, sink_buf, st);
     st.broadcast_s = seconds_since(t0);
     HostVector<int64_t> sink_pos(static_cast<size_t>(spec.sinks));
     for (int64_t j = 0; j < spec.sinks; ++j) sink_pos[j] = j;
     const Clock::time_point t1 = Clock::now();
-    const cpu::FoldStats fs = cpu::fold_block(spec, q, q_pos.data(), sinks.k, sinks.v,
-                                              sink_pos.data(), state, options.num_threads);
+    const cpu::FoldStats fs = engine->fold(spec, q, sinks.k, sinks.v, sink_pos.data());
     st.compute_s += seconds_since(t1);
     st.tiles_computed += fs.tiles_computed;
     st.tiles_skipped += fs.tiles_skipped;
     st.flops += fs.flops;
     ++st.blocks_computed;
+    engine->sync();  // the fold read sink_buf, which goes now
   }
 
   // 3. The ring.
@@ -138,12 +139,14 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
   local.k = k;
   local.v = v;
 
-  std::vector<Lane> lanes = make_lanes(plan, codec, rank, local, /*tag_base=*/1);
+  std::vector<Lane> lanes = make_lanes(*engine, plan, codec, rank, local, /*tag_base=*/1);
 
   const int steps = plan.steps();
   st.ring_steps = steps;
   for (int s = 0; s <= steps; ++s) {
-    for (Lane& lane : lanes) post_hop(comm, plan, codec, rank, s, lane, st);
+    CommGroup hops(comm);  // the sends and receives of a hop launch together (NCCL)
+    for (Lane& lane : lanes) post_hop(comm, *engine, plan, codec, rank, s, lane, st);
+    hops.end();
     // Compute the blocks held at step s.
     if (s == 0) {
       fold(local, plan.need(rank, rank));
@@ -156,11 +159,15 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
     const Clock::time_point t0 = Clock::now();
     for (Lane& lane : lanes) complete_hop(s, lane);
     st.comm_wait_s += seconds_since(t0);
+    // The next step may receive into the buffer folded now: queued folds must be done.
+    const Clock::time_point t1 = Clock::now();
+    engine->sync();
+    st.compute_s += seconds_since(t1);
   }
 
   // 4. Finalise: o = acc / l with the learned sink term, lse.
   const Clock::time_point t0 = Clock::now();
-  cpu::finalize(state, has_sink ? sink_logits : nullptr, o, lse);
+  engine->finalize(has_sink ? sink_logits : nullptr, o, lse);
   st.compute_s += seconds_since(t0);
   st.total_s = seconds_since(t_start);
   return st;

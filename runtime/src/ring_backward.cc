@@ -5,13 +5,15 @@
 // (last: the farthest hop whose receiver needs anything of o). acc(o, d, h) is the hull of the
 // needs of hops 1..h: the key range whose dk/dv the block has accumulated after hop h. Step s
 // of the loop (s = 0 is the local step) does, per lane:
-//   post:    hop s+1 of K/V exactly as the forward; and the receive of the dk/dv of the block
-//            held now, accumulated by hops 1..s-1 (range acc(o, d, s-1)), from the previous rank;
+//   post:    hop s+1 of K/V exactly as the forward;
 //   compute: the held block's need into a fresh f32 partial of range acc(o, d, s) (dq into the
 //            local state);
-//   add:     wait for that dk/dv and add it into the partial; send the partial on to the next
-//            rank, or at s = last(o, d) straight back to the owner o (a direct message over the
-//            distance: no lap to bring it home, so with a window the bytes stay O(W + S));
+//   add:     wait for the dk/dv of the held block accumulated by hops 1..s-1 (range
+//            acc(o, d, s-1), received from the previous rank) and add it into the partial;
+//   phase 2: send the partial on to the next rank, or at s = last(o, d) straight back to the
+//            owner o (a direct message over the distance: no lap to bring it home, so with a
+//            window the bytes stay O(W + S)); post the receive of the partial for step s+1 and,
+//            at s = last of this rank's own block, of its return;
 //   wait:    K/V hop s+1.
 // The dk/dv message of hop s is sent right after the compute of step s and overlaps the compute
 // of step s+1 on the next rank, which only adds it in after its own compute.
@@ -21,11 +23,11 @@
 #include <algorithm>
 #include <vector>
 
-#include "kernels/cpu/attention_cpu_bwd.h"
 #include "ringattn/memory.h"
 #include "ringattn/ring.h"
 #include "runtime/src/ring_buffers.h"
 #include "runtime/src/ring_common.h"
+#include "runtime/src/ring_engine.h"
 #include "runtime/src/ring_plan.h"
 
 namespace ringattn {
@@ -49,42 +51,39 @@ constexpr int kKvTag = 11;
 constexpr int kGradTag = 13;
 constexpr int kReturnTag = 15;
 
-// f32 dk then dv of `tokens` keys, [B, tokens, H_kv, D] each, in one contiguous buffer.
+// f32 dk then dv of `tokens` keys, [B, tokens, H_kv, D] each, in one contiguous buffer on the
+// engine's device.
 struct GradCodec {
   int64_t batch, kv_heads, head_dim;
+  Device device;
   size_t floats(int64_t tokens) const {
     return 2 * static_cast<size_t>(batch * tokens * kv_heads * head_dim);
   }
   TensorView dk(float* buf, int64_t tokens) const {
-    return TensorView(buf, DType::kF32, {batch, tokens, kv_heads, head_dim});
+    return TensorView(buf, DType::kF32, {batch, tokens, kv_heads, head_dim}, device);
   }
   TensorView dv(float* buf, int64_t tokens) const {
-    return TensorView(buf + floats(tokens) / 2, DType::kF32, {batch, tokens, kv_heads, head_dim});
+    return TensorView(buf + floats(tokens) / 2, DType::kF32, {batch, tokens, kv_heads, head_dim},
+                      device);
   }
   // dst (range dst_range, a buffer of this layout) += src (range src_range inside dst_range).
-  void add(float* dst, IndexRange dst_range, const float* src, IndexRange src_range) const {
-    const int64_t row = kv_heads * head_dim;
-    for (int part = 0; part < 2; ++part) {
-      float* d = dst + part * floats(dst_range.size()) / 2;
-      const float* s = src + part * floats(src_range.size()) / 2;
-      for (int64_t b = 0; b < batch; ++b) {
-        float* drow = d + (b * dst_range.size() + src_range.lo - dst_range.lo) * row;
-        const float* srow = s + b * src_range.size() * row;
-        const int64_t n = src_range.size() * row;
-        for (int64_t i = 0; i < n; ++i) drow[i] += srow[i];
-      }
-    }
+  void add(detail::RingEngine& engine, float* dst, IndexRange dst_range, float* src,
+           IndexRange src_range) const {
+    const int64_t off = src_range.lo - dst_range.lo, n = src_range.size();
+    engine.add(dk(dst, dst_range.size()).slice(1, off, off + n), dk(src, n));
+    engine.add(dv(dst, dst_range.size()).slice(1, off, off + n), dv(src, n));
   }
 };
 
 // The dk/dv side of one K/V lane.
 struct GradLane {
   GradRoutes routes;
-  HostVector<float> partial[2];  // by step parity: one may still be sending while we fill the other
+  detail::ByteBuffer
+      partial[2];  // by step parity: one may still be sending while we fill the other
   RequestPtr send_req[2];
-  HostVector<float> recv_buf;
+  detail::ByteBuffer recv_buf;
   RequestPtr recv_req;
-  HostVector<float> return_buf;  // this rank's own block coming home
+  detail::ByteBuffer return_buf;  // this rank's own block coming home
   RequestPtr return_req;
 };
 
@@ -102,20 +101,6 @@ void check_like(const TensorView& t, const char* name, const TensorView& like,
   RINGATTN_CHECK(t.data() != nullptr || t.numel() == 0, name, " has no data");
   RINGATTN_CHECK(t.numel() == 0 || t.stride(t.ndim() - 1) == 1, name,
                  " needs a contiguous innermost dimension, got ", t.describe());
-}
-
-// out (any dtype, strided) = acc ([B, N, H, D] f32, contiguous).
-void store(const float* acc, const TensorView& out) {
-  const int64_t bsz = out.size(0), n = out.size(1), heads = out.size(2), d = out.size(3);
-  for (int64_t b = 0; b < bsz; ++b) {
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t h = 0; h < heads; ++h) {
-        const float* a = acc + ((b * n + i) * heads + h) * d;
-        const int64_t off = b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
-        for (int64_t c = 0; c < d; ++c) store_from_float(out.data(), out.dtype(), off + c, a[c]);
-      }
-    }
-  }
 }
 
 }  // namespace
@@ -142,9 +127,10 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
     check_like(dv, "dv", v, "v");
     if (want_dsink) {
       RINGATTN_CHECK(dsink->ndim() == 1 && dsink->size(0) == shape.heads &&
-                         dsink->dtype() == DType::kF32 && dsink->stride(0) == 1,
-                     "dsink must be [H] f32 contiguous with H=", shape.heads, ", got ",
-                     dsink->describe());
+                         dsink->dtype() == DType::kF32 && dsink->stride(0) == 1 &&
+                         dsink->device() == q.device(),
+                     "dsink must be [H] f32 contiguous on the device of q with H=", shape.heads,
+                     ", got ", dsink->describe());
     }
     layout = check_ring_shard(comm, spec, seq_len, shape, q.device(), "backward");
   });
@@ -159,13 +145,15 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
   HostVector<int64_t>& k_pos = positions.k_pos;
 
   Clock::time_point t0 = Clock::now();
-  cpu::BackwardStateCpu state;
-  state.begin(o, dout, lse);
-  const BlockCodec codec(shape.batch, shape.kv_heads, shape.head_dim, q.dtype());
-  const GradCodec grads{shape.batch, shape.kv_heads, shape.head_dim};
+  const std::unique_ptr<detail::RingEngine> engine =
+      detail::make_engine(q.device(), options.num_threads);
+  engine->begin_backward(o, dout, lse, q_pos.data());
+  const BlockCodec codec(shape.batch, shape.kv_heads, shape.head_dim, q.dtype(), q.device());
+  const GradCodec grads{shape.batch, shape.kv_heads, shape.head_dim, q.device()};
   // This rank's own dk/dv (f32, [dk; dv] of its whole shard): the local step, the returns and,
   // on rank 0, the sinks' sum are added here.
-  HostVector<float> own(grads.floats(n_local), 0.0f);
+  detail::ByteBuffer own = engine->buffer(grads.floats(n_local) * sizeof(float));
+  engine->zero(own.as<float>(), grads.floats(n_local));
   st.compute_s += seconds_since(t0);
 
   // Folds the part `need` of a held block into dq and into the f32 accumulators dk_acc, dv_acc
@@ -183,10 +171,9 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
     plan.shard(blk.origin).positions(need.lo, need.hi, k_pos.data());
     const int64_t a0 = need.lo - acc_lo;
     const Clock::time_point t1 = Clock::now();
-    const cpu::FoldStats fs =
-        cpu::fold_block_backward(spec, q, q_pos.data(), kb, vb, k_pos.data(), dout, state,
-                                 dk_acc.slice(1, a0, a0 + need.size()),
-                                 dv_acc.slice(1, a0, a0 + need.size()), options.num_threads);
+    const cpu::FoldStats fs = engine->fold_backward(spec, q, kb, vb, k_pos.data(), dout,
+                                                    dk_acc.slice(1, a0, a0 + need.size()),
+                                                    dv_acc.slice(1, a0, a0 + need.size()));
     st.compute_s += seconds_since(t1);
     st.tiles_computed += fs.tiles_computed;
     st.tiles_skipped += fs.tiles_skipped;
@@ -196,26 +183,30 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
 
   // 2. The sinks: every rank folds the broadcast block into its own f32 sink dk/dv; these and
   // the local dz are summed over all ranks below.
-  HostVector<float> reduced;  // [sink dk; sink dv] then dz [H]
+  detail::ByteBuffer reduced = engine->buffer(0);  // [sink dk; sink dv] then dz [H]
   const size_t sink_floats = grads.floats(spec.sinks);
-  if (spec.sinks > 0 || has_sink) reduced.assign(sink_floats + (has_sink ? shape.heads : 0), 0.0f);
+  const size_t reduced_floats = sink_floats + (has_sink ? shape.heads : 0);
+  if (spec.sinks > 0 || has_sink) {
+    reduced.resize(reduced_floats * sizeof(float));
+    engine->zero(reduced.as<float>(), reduced_floats);
+  }
   if (spec.sinks > 0) {
     t0 = Clock::now();
-    HostVector<char> sink_buf;
-    const Block sinks = broadcast_sinks(comm, codec, k, v, spec.sinks, sink_buf, st);
+    detail::ByteBuffer sink_buf;
+    const Block sinks = broadcast_sinks(comm, *engine, codec, k, v, spec.sinks, sink_buf, st);
     st.broadcast_s = seconds_since(t0);
     HostVector<int64_t> sink_pos(static_cast<size_t>(spec.sinks));
     for (int64_t j = 0; j < spec.sinks; ++j) sink_pos[j] = j;
     const Clock::time_point t1 = Clock::now();
-    const cpu::FoldStats fs =
-        cpu::fold_block_backward(spec, q, q_pos.data(), sinks.k, sinks.v, sink_pos.data(), dout,
-                                 state, grads.dk(reduced.data(), spec.sinks),
-                                 grads.dv(reduced.data(), spec.sinks), options.num_threads);
+    const cpu::FoldStats fs = engine->fold_backward(spec, q, sinks.k, sinks.v, sink_pos.data(),
+                                                    dout, grads.dk(reduced.as<float>(), spec.sinks),
+                                                    grads.dv(reduced.as<float>(), spec.sinks));
     st.compute_s += seconds_since(t1);
     st.tiles_computed += fs.tiles_computed;
     st.tiles_skipped += fs.tiles_skipped;
     st.flops += fs.flops;
     ++st.blocks_computed;
+    engine->sync();  // the fold read sink_buf, which goes now
   }
 
   // 3. The ring.
@@ -224,50 +215,46 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
   local.range = IndexRange{0, n_local};
   local.k = k;
   local.v = v;
-  std::vector<Lane> lanes = make_lanes(plan, codec, rank, local, kKvTag);
+  std::vector<Lane> lanes = make_lanes(*engine, plan, codec, rank, local, kKvTag);
   std::vector<GradLane> glanes;
   for (const Lane& lane : lanes) {
     GradLane g{GradRoutes(plan, lane.dir, lane.hops), {}, {}, {}, {}, {}, {}};
     // The travelling buffers hold the largest acc of any origin; the memory planner counts
     // exactly these (GradRoutes::max_tokens, home_tokens).
-    const size_t max_floats = grads.floats(g.routes.max_tokens());
-    g.partial[0].resize(max_floats);
-    g.partial[1].resize(max_floats);
-    g.recv_buf.resize(max_floats);
-    // Post the return of this rank's own block now: it comes from the rank at distance last.
+    const size_t max_bytes = grads.floats(g.routes.max_tokens()) * sizeof(float);
+    for (detail::ByteBuffer* b : {&g.partial[0], &g.partial[1], &g.recv_buf}) {
+      *b = engine->buffer(max_bytes);
+    }
+    // The return of this rank's own block comes from the rank at distance last (posted at
+    // step last, see below); its buffer is allocated now, as the planner counts it.
     const int last = g.routes.last(rank);
     if (last > 0) {
-      g.return_buf.resize(grads.floats(g.routes.home_tokens(rank)));
-      const int from = ((rank + lane.dir * last) % world + world) % world;
-      g.return_req = comm.irecv(g.return_buf.data(), g.return_buf.size() * sizeof(float), from,
-                                kReturnTag + (lane.dir > 0 ? 0 : 1));
-      st.bytes_received += g.return_buf.size() * sizeof(float);
+      g.return_buf = engine->buffer(grads.floats(g.routes.home_tokens(rank)) * sizeof(float));
     }
     glanes.push_back(std::move(g));
   }
 
+  // Messages are posted in two phases per step, each one communicator group that matches the
+  // same phase of the same step on every peer: phase 1 the K/V hops (as the forward), phase 2,
+  // after the compute, per lane in lane order, the dk/dv partial going on (or home) and the
+  // receives of the partial added at the next step and of this rank's returning block. Between
+  // any two ranks the messages are then posted in the same order on both sides, which NCCL
+  // (no tags: matched in posting order) needs; MPI and the in-process world match by tag.
   const int steps = plan.steps();
   st.ring_steps = steps;
+  struct PendingSend {
+    float* data = nullptr;
+    size_t bytes = 0;
+    int peer = 0, tag = 0;
+  };
+  std::vector<PendingSend> pending(lanes.size());
   for (int s = 0; s <= steps; ++s) {
-    for (size_t li = 0; li < lanes.size(); ++li) {
-      Lane& lane = lanes[li];
-      post_hop(comm, plan, codec, rank, s, lane, st);
-      // The dk/dv of the block held at this step, accumulated on hops 1..s-1.
-      GradLane& g = glanes[li];
-      if (s >= 2 && s <= lane.hops) {
-        const int origin = plan.origin_at(rank, lane.dir, s);
-        const IndexRange prev = g.routes.acc(origin, s - 1);
-        if (!prev.empty() && s <= g.routes.last(origin)) {
-          const size_t bytes = grads.floats(prev.size()) * sizeof(float);
-          g.recv_req = comm.irecv(g.recv_buf.data(), bytes, lane.recv_peer,
-                                  kGradTag + (lane.dir > 0 ? 0 : 1));
-          st.bytes_received += bytes;
-        }
-      }
-    }
+    CommGroup hops(comm);
+    for (Lane& lane : lanes) post_hop(comm, *engine, plan, codec, rank, s, lane, st);
+    hops.end();
     if (s == 0) {
-      fold(local, plan.need(rank, rank), grads.dk(own.data(), n_local),
-           grads.dv(own.data(), n_local), 0);
+      fold(local, plan.need(rank, rank), grads.dk(own.as<float>(), n_local),
+           grads.dv(own.as<float>(), n_local), 0);
     } else {
       for (size_t li = 0; li < lanes.size(); ++li) {
         Lane& lane = lanes[li];
@@ -279,34 +266,65 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
         const IndexRange acc = g.routes.acc(origin, s);
         const IndexRange prev = g.routes.acc(origin, s - 1);
         if (acc.empty()) continue;  // nothing accumulated yet, nothing to carry
-        HostVector<float>& partial = g.partial[s & 1];
+        float* partial = g.partial[s & 1].as<float>();
         Clock::time_point tw = Clock::now();
         wait(g.send_req[s & 1]);  // the message sent from this buffer two steps ago
         g.send_req[s & 1].reset();
         st.comm_wait_s += seconds_since(tw);
-        std::fill(partial.begin(), partial.begin() + grads.floats(acc.size()), 0.0f);
-        fold(lane.held, plan.need(rank, origin), grads.dk(partial.data(), acc.size()),
-             grads.dv(partial.data(), acc.size()), acc.lo);
+        engine->zero(partial, grads.floats(acc.size()));
+        fold(lane.held, plan.need(rank, origin), grads.dk(partial, acc.size()),
+             grads.dv(partial, acc.size()), acc.lo);
         if (!prev.empty()) {
           tw = Clock::now();
           wait(g.recv_req);
           g.recv_req.reset();
           st.comm_wait_s += seconds_since(tw);
           const Clock::time_point ta = Clock::now();
-          grads.add(partial.data(), acc, g.recv_buf.data(), prev);
+          grads.add(*engine, partial, acc, g.recv_buf.as<float>(), prev);
           st.compute_s += seconds_since(ta);
         }
-        const size_t bytes = grads.floats(acc.size()) * sizeof(float);
-        if (s < last) {
-          g.send_req[s & 1] =
-              comm.isend(partial.data(), bytes, lane.send_peer, kGradTag + (lane.dir > 0 ? 0 : 1));
-        } else {
-          g.send_req[s & 1] =
-              comm.isend(partial.data(), bytes, origin, kReturnTag + (lane.dir > 0 ? 0 : 1));
-        }
-        st.bytes_sent += bytes;
+        const int dir_tag = lane.dir > 0 ? 0 : 1;
+        pending[li] = s < last ? PendingSend{partial, grads.floats(acc.size()) * sizeof(float),
+                                             lane.send_peer, kGradTag + dir_tag}
+                               : PendingSend{partial, grads.floats(acc.size()) * sizeof(float),
+                                             origin, kReturnTag + dir_tag};
       }
     }
+    // Phase 2. The partials are complete before they are handed to the transport.
+    const Clock::time_point ts = Clock::now();
+    engine->sync();
+    st.compute_s += seconds_since(ts);
+    CommGroup phase2(comm);
+    for (size_t li = 0; li < lanes.size(); ++li) {
+      Lane& lane = lanes[li];
+      GradLane& g = glanes[li];
+      const int dir_tag = lane.dir > 0 ? 0 : 1;
+      PendingSend& out = pending[li];
+      if (out.data != nullptr) {
+        g.send_req[s & 1] = comm.isend(out.data, out.bytes, out.peer, out.tag);
+        st.bytes_sent += out.bytes;
+        out = PendingSend{};
+      }
+      // The partial of the block held at step s+1, accumulated on hops 1..s.
+      if (s + 1 >= 2 && s + 1 <= lane.hops) {
+        const int origin = plan.origin_at(rank, lane.dir, s + 1);
+        const IndexRange prev = g.routes.acc(origin, s);
+        if (!prev.empty() && s + 1 <= g.routes.last(origin)) {
+          const size_t bytes = grads.floats(prev.size()) * sizeof(float);
+          g.recv_req = comm.irecv(g.recv_buf.data(), bytes, lane.recv_peer, kGradTag + dir_tag);
+          st.bytes_received += bytes;
+        }
+      }
+      // This rank's own block comes home from the rank that held it at hop `last`.
+      const int last = g.routes.last(rank);
+      if (last > 0 && s == last) {
+        const int from = ((rank + lane.dir * last) % world + world) % world;
+        g.return_req =
+            comm.irecv(g.return_buf.data(), g.return_buf.size(), from, kReturnTag + dir_tag);
+        st.bytes_received += g.return_buf.size();
+      }
+    }
+    phase2.end();
     const Clock::time_point tw = Clock::now();
     for (Lane& lane : lanes) complete_hop(s, lane);
     st.comm_wait_s += seconds_since(tw);
@@ -324,32 +342,40 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
   for (size_t li = 0; li < glanes.size(); ++li) {
     GradLane& g = glanes[li];
     const int last = g.routes.last(rank);
-    if (last > 0)
-      grads.add(own.data(), {0, n_local}, g.return_buf.data(), g.routes.acc(rank, last));
+    if (last > 0) {
+      grads.add(*engine, own.as<float>(), {0, n_local}, g.return_buf.as<float>(),
+                g.routes.acc(rank, last));
+    }
   }
-  if (has_sink) cpu::sink_logits_backward(state, *sink_logits, reduced.data() + sink_floats);
+  if (has_sink) engine->sink_logits_backward(*sink_logits, reduced.as<float>() + sink_floats);
+  engine->sync();
   st.compute_s += seconds_since(t0);
-  if (!reduced.empty()) {
+  if (reduced_floats > 0 && reduced.size() > 0) {
     t0 = Clock::now();
-    comm.allreduce(reduced.data(), reduced.size(), ReduceType::kF32, ReduceOp::kSum);
+    comm.allreduce(reduced.data(), reduced_floats, ReduceType::kF32, ReduceOp::kSum);
     st.broadcast_s += seconds_since(t0);
     if (world > 1) {
-      st.bytes_sent += reduced.size() * sizeof(float);
-      st.bytes_received += reduced.size() * sizeof(float);
+      st.bytes_sent += reduced_floats * sizeof(float);
+      st.bytes_received += reduced_floats * sizeof(float);
     }
   }
   t0 = Clock::now();
   // The sinks are rank 0's local tokens 0..S-1 (check_sharding).
   if (rank == 0 && spec.sinks > 0) {
-    grads.add(own.data(), {0, n_local}, reduced.data(), {0, spec.sinks});
+    grads.add(*engine, own.as<float>(), {0, n_local}, reduced.as<float>(), {0, spec.sinks});
   }
-  cpu::finalize_backward(state, dq);
-  store(own.data(), dk);
-  store(own.data() + grads.floats(n_local) / 2, dv);
+  engine->finalize_backward(dq);
+  engine->store(own.as<float>(), dk);
+  engine->store(own.as<float>() + grads.floats(n_local) / 2, dv);
   if (want_dsink) {
-    float* out = dsink->data_as<float>();
-    for (int64_t h = 0; h < shape.heads; ++h) out[h] = has_sink ? reduced[sink_floats + h] : 0.0f;
+    const size_t bytes = static_cast<size_t>(shape.heads) * sizeof(float);
+    if (has_sink) {
+      engine->copy(dsink->data(), reduced.as<float>() + sink_floats, bytes);
+    } else {
+      engine->zero(dsink->data_as<float>(), static_cast<size_t>(shape.heads));
+    }
   }
+  engine->sync();
   st.compute_s += seconds_since(t0);
   st.total_s = seconds_since(t_start);
   return st;

@@ -9,9 +9,11 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "ringattn/config.h"
 #include "ringattn/memory.h"
 #include "ringattn/ring.h"
 #include "runtime/src/ring_buffers.h"
+#include "runtime/src/ring_engine.h"
 #include "runtime/src/ring_plan.h"
 
 namespace ringattn::detail {
@@ -97,8 +99,9 @@ struct Block {
 
 class BlockCodec {
  public:
-  BlockCodec(int64_t batch, int64_t kv_heads, int64_t head_dim, DType dtype)
-      : batch_(batch), kv_heads_(kv_heads), head_dim_(head_dim), dtype_(dtype) {}
+  BlockCodec(int64_t batch, int64_t kv_heads, int64_t head_dim, DType dtype,
+             Device device = Device::kCPU)
+      : batch_(batch), kv_heads_(kv_heads), head_dim_(head_dim), dtype_(dtype), device_(device) {}
 
   size_t bytes(int64_t tokens) const {
     return 2 * static_cast<size_t>(batch_ * tokens * kv_heads_ * head_dim_) * dtype_size(dtype_);
@@ -110,40 +113,15 @@ class BlockCodec {
     b.origin = origin;
     b.range = range;
     const int64_t len = range.size();
-    b.k = TensorView(buffer, dtype_, {batch_, len, kv_heads_, head_dim_});
-    b.v = TensorView(buffer + bytes(len) / 2, dtype_, {batch_, len, kv_heads_, head_dim_});
+    b.k = TensorView(buffer, dtype_, {batch_, len, kv_heads_, head_dim_}, device_);
+    b.v = TensorView(buffer + bytes(len) / 2, dtype_, {batch_, len, kv_heads_, head_dim_}, device_);
     return b;
-  }
-
-  // Copies tokens `sub` (origin-local indices inside src.range) of src into dst, as view().
-  void pack(const Block& src, IndexRange sub, char* dst) const {
-    const size_t es = dtype_size(dtype_);
-    const size_t row = static_cast<size_t>(head_dim_) * es;
-    char* out = dst;
-    for (const TensorView* t : {&src.k, &src.v}) {
-      const char* base = static_cast<const char*>(t->data());
-      for (int64_t b = 0; b < batch_; ++b) {
-        for (int64_t n = sub.lo; n < sub.hi; ++n) {
-          const int64_t ln = n - src.range.lo;
-          if (t->stride(2) == head_dim_) {  // all heads of a token are one run
-            const int64_t off = b * t->stride(0) + ln * t->stride(1);
-            std::memcpy(out, base + off * es, row * kv_heads_);
-            out += row * kv_heads_;
-          } else {
-            for (int64_t h = 0; h < kv_heads_; ++h) {
-              const int64_t off = b * t->stride(0) + ln * t->stride(1) + h * t->stride(2);
-              std::memcpy(out, base + off * es, row);
-              out += row;
-            }
-          }
-        }
-      }
-    }
   }
 
  private:
   int64_t batch_, kv_heads_, head_dim_;
   DType dtype_;
+  Device device_;
 };
 
 // One direction of the ring.
@@ -152,9 +130,9 @@ struct Lane {
   int hops = 0;
   int tag = 0;
   int send_peer = 0, recv_peer = 0;
-  HostVector<char> recv_buf[2];
+  ByteBuffer recv_buf[2];
   int spare = 0;
-  HostVector<char> send_buf;
+  ByteBuffer send_buf;
   Block held;  // the block this rank holds at the current step
   // The transfer in flight for the next hop.
   RequestPtr send_req, recv_req;
@@ -163,8 +141,9 @@ struct Lane {
 
 // The lanes (directions) of the plan that run at least one hop, holding `local` at step 0. A
 // lane's messages use tag tag_base (forward) or tag_base + 1 (backward direction).
-inline std::vector<Lane> make_lanes(const RingPlan& plan, const BlockCodec& codec, int rank,
-                                    const Block& local, int tag_base) {
+inline std::vector<Lane> make_lanes(RingEngine& engine, const RingPlan& plan,
+                                    const BlockCodec& codec, int rank, const Block& local,
+                                    int tag_base) {
   const int world = plan.world();
   std::vector<Lane> lanes;
   for (int dir : {+1, -1}) {
@@ -178,9 +157,9 @@ inline std::vector<Lane> make_lanes(const RingPlan& plan, const BlockCodec& code
     lane.recv_peer = (rank - dir + world) % world;
     // Size the buffers for the largest range this lane ever carries (the planner's figure).
     const int64_t max_tokens = lane_tokens(plan, dir);
-    lane.recv_buf[0].resize(codec.bytes(max_tokens));
-    lane.recv_buf[1].resize(codec.bytes(max_tokens));
-    lane.send_buf.resize(codec.bytes(max_tokens));
+    for (ByteBuffer* b : {&lane.recv_buf[0], &lane.recv_buf[1], &lane.send_buf}) {
+      *b = engine.buffer(codec.bytes(max_tokens));
+    }
     lane.held = local;
     lanes.push_back(std::move(lane));
   }
@@ -189,8 +168,8 @@ inline std::vector<Lane> make_lanes(const RingPlan& plan, const BlockCodec& code
 
 // Posts hop s+1 of a lane: receive the next origin's carried range into the spare buffer, and
 // pack and send the part of the held block that the next ranks still need.
-inline void post_hop(Communicator& comm, const RingPlan& plan, const BlockCodec& codec, int rank,
-                     int s, Lane& lane, RingStats& st) {
+inline void post_hop(Communicator& comm, RingEngine& engine, const RingPlan& plan,
+                     const BlockCodec& codec, int rank, int s, Lane& lane, RingStats& st) {
   if (s + 1 > lane.hops) return;
   const int next_origin = plan.origin_at(rank, lane.dir, s + 1);
   const IndexRange recv_range = plan.carried(next_origin, lane.dir, s + 1);
@@ -210,7 +189,8 @@ inline void post_hop(Communicator& comm, const RingPlan& plan, const BlockCodec&
                         ") of origin ", lane.held.origin, " but this rank holds only [",
                         lane.held.range.lo, ", ", lane.held.range.hi, ")");
     const Clock::time_point t0 = Clock::now();
-    codec.pack(lane.held, send_range, lane.send_buf.data());
+    engine.pack(lane.held.k, lane.held.v, send_range.lo - lane.held.range.lo,
+                send_range.hi - lane.held.range.lo, lane.send_buf.data());
     st.pack_s += seconds_since(t0);
     lane.send_req =
         comm.isend(lane.send_buf.data(), codec.bytes(send_range.size()), lane.send_peer, lane.tag);
@@ -232,17 +212,12 @@ inline void complete_hop(int s, Lane& lane) {
 // The sink block: the owner (rank 0, whose first run starts at position 0) packs [k; v] of
 // positions 0..S-1 of its shard k, v into buf and broadcasts it; returns the view of buf that
 // every rank then holds. Counts the bytes in st.
-inline Block broadcast_sinks(Communicator& comm, const BlockCodec& codec, const TensorView& k,
-                             const TensorView& v, int64_t sinks, HostVector<char>& buf,
-                             RingStats& st) {
-  buf.resize(codec.bytes(sinks));
+inline Block broadcast_sinks(Communicator& comm, RingEngine& engine, const BlockCodec& codec,
+                             const TensorView& k, const TensorView& v, int64_t sinks,
+                             ByteBuffer& buf, RingStats& st) {
+  buf = engine.buffer(codec.bytes(sinks));
   if (comm.rank() == 0) {
-    Block local;
-    local.origin = 0;
-    local.range = IndexRange{0, k.size(1)};
-    local.k = k;
-    local.v = v;
-    codec.pack(local, IndexRange{0, sinks}, buf.data());
+    engine.pack(k, v, 0, sinks, buf.data());
     st.bytes_sent += comm.size() > 1 ? buf.size() : 0;
   } else {
     st.bytes_received += buf.size();
@@ -259,8 +234,8 @@ inline Layout check_ring_shard(Communicator& comm, const AttentionSpec& spec, in
   const int rank = comm.rank(), world = comm.size();
   RINGATTN_CHECK(shape.q_len == shape.kv_len, "q holds ", shape.q_len, " tokens but k holds ",
                  shape.kv_len, ": the ring needs each rank's q, k and v shards to match");
-  RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, device == Device::kCPU, "the ring ", what, " on ",
-                      device_name(device),
+  RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, device == Device::kCPU || RINGATTN_WITH_CUDA,
+                      "the ring ", what, " on ", device_name(device),
                       " tensors needs the CUDA backend, which this build does not provide");
   RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, comm.accepts(device), "the ", comm.name(),
                       " communicator does not accept ", device_name(device), " buffers");

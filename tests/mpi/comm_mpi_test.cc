@@ -18,24 +18,14 @@
 #include "comm/mpi/mpi_session.h"
 #include "ringattn/error.h"
 #include "ringattn/tensor.h"
+#include "tests/common/test_util.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace ringattn {
 namespace {
 
-uint8_t pattern(int source, int tag, size_t i) {
-  return static_cast<uint8_t>(source * 131 + tag * 31 + i * 7 + (i >> 8) * 3);
-}
-
-void fill_pattern(std::vector<uint8_t>& buf, int source, int tag) {
-  for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern(source, tag, i);
-}
-
-size_t count_mismatches(const std::vector<uint8_t>& buf, int source, int tag) {
-  size_t bad = 0;
-  for (size_t i = 0; i < buf.size(); ++i) bad += buf[i] != pattern(source, tag, i);
-  return bad;
-}
+using test::count_mismatches;
+using test::fill_pattern;
 
 // ---- session ---------------------------------------------------------------------------------
 
@@ -226,39 +216,11 @@ TEST_P(MpiChunkTest, BroadcastsFromEveryRoot) {
   }
 }
 
-// Multiples of 1/4 of small magnitude: exact in every type, so the order of the sum does not
-// matter and each rank knows the answer.
-double value(int rank, size_t i) {
-  return static_cast<double>(static_cast<int64_t>((rank + 1) * 37 + i * 13) % 101 - 50) * 0.25;
-}
-
-template <typename T>
-void check_allreduce(Communicator& comm, ReduceType type, ReduceOp op, size_t count) {
-  std::vector<T> data(count);
-  for (size_t i = 0; i < count; ++i) data[i] = static_cast<T>(value(comm.rank(), i) * 4);
-  comm.allreduce(data.data(), count, type, op);
-  size_t bad = 0;
-  for (size_t i = 0; i < count; ++i) {
-    T expected = static_cast<T>(value(0, i) * 4);
-    for (int r = 1; r < comm.size(); ++r) {
-      const T v = static_cast<T>(value(r, i) * 4);
-      if (op == ReduceOp::kSum) expected += v;
-      if (op == ReduceOp::kMax) expected = std::max(expected, v);
-      if (op == ReduceOp::kMin) expected = std::min(expected, v);
-    }
-    bad += data[i] != expected;
-  }
-  EXPECT_EQ(bad, 0u) << "type " << static_cast<int>(type) << ", op " << static_cast<int>(op)
-                     << ", count " << count;
-}
-
 TEST_P(MpiChunkTest, AllreducesEveryTypeAndOp) {
   MpiCommunicator comm(MPI_COMM_WORLD, GetParam());
   for (size_t count : {size_t{0}, size_t{1}, size_t{1000}, size_t{100003}}) {
     for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin}) {
-      check_allreduce<float>(comm, ReduceType::kF32, op, count);
-      check_allreduce<double>(comm, ReduceType::kF64, op, count);
-      check_allreduce<int64_t>(comm, ReduceType::kI64, op, count);
+      test::expect_exact_allreduce(comm, op, count);
     }
   }
 }

@@ -12,6 +12,7 @@
 #include "kernels/cpu/attention_ref.h"
 #include "ringattn/ring.h"
 #include "runtime/src/sharding.h"
+#include "tests/common/test_util.h"
 
 namespace ringattn {
 namespace {
@@ -25,18 +26,6 @@ struct MpiBwdCase {
   int64_t heads, kv_heads, head_dim, batch;
 };
 
-// ||a - ref|| / ||ref|| (RMS of a for an all-zero reference); NaN fails.
-double normalised_error(const std::vector<float>& a, const std::vector<double>& ref) {
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i])) return std::nan("");
-    num += (a[i] - ref[i]) * (a[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  if (den == 0.0) return a.empty() ? 0.0 : std::sqrt(num / static_cast<double>(a.size()));
-  return std::sqrt(num / den);
-}
-
 class RingBackwardMpiTest : public ::testing::TestWithParam<MpiBwdCase> {};
 
 TEST_P(RingBackwardMpiTest, ShardMatchesDenseOracle) {
@@ -44,13 +33,12 @@ TEST_P(RingBackwardMpiTest, ShardMatchesDenseOracle) {
   MpiCommunicator comm(MPI_COMM_WORLD);
   const int P = comm.size(), r = comm.rank();
   std::mt19937 gen(static_cast<uint32_t>(c.n * 7 + c.window + 3));
-  std::normal_distribution<float> nd(0.0f, 1.0f);
   const int64_t B = c.batch, N = c.n, H = c.heads, Hkv = c.kv_heads, D = c.head_dim;
-  std::vector<float> q(static_cast<size_t>(B * N * H * D)), k(static_cast<size_t>(B * N * Hkv * D)),
-      v(k.size()), dout(q.size()), z;
-  for (auto* t : {&q, &k, &v, &dout}) {
-    for (float& x : *t) x = nd(gen);
-  }
+  std::vector<float> q = test::randn(static_cast<size_t>(B * N * H * D), gen);
+  std::vector<float> k = test::randn(static_cast<size_t>(B * N * Hkv * D), gen);
+  std::vector<float> v = test::randn(k.size(), gen);
+  std::vector<float> dout = test::randn(q.size(), gen);
+  std::vector<float> z;
   for (int64_t h = 0; h < H && c.sink_logits; ++h) z.push_back(0.5f * static_cast<float>(h) - 1.0f);
   AttentionSpec spec;
   spec.causal = c.causal;
@@ -60,28 +48,11 @@ TEST_P(RingBackwardMpiTest, ShardMatchesDenseOracle) {
   const Layout layout = resolve_layout(c.layout, c.causal, c.window);
   const Shard shard = make_shard(N, P, r, layout);
   const int64_t n = shard.size();
-  std::vector<int64_t> pos(static_cast<size_t>(N));
-  for (int64_t i = 0; i < N; ++i) pos[i] = i;
+  const std::vector<int64_t> pos = test::iota_pos(N);
 
-  auto take = [&](const std::vector<float>& g, int64_t heads) {
-    std::vector<float> out(static_cast<size_t>(B * n * heads * D));
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t t = 0; t < n; ++t) {
-        std::copy_n(&g[static_cast<size_t>((b * N + shard.position(t)) * heads * D)], heads * D,
-                    &out[static_cast<size_t>((b * n + t) * heads * D)]);
-      }
-    }
-    return out;
-  };
-  auto take_ref = [&](const std::vector<double>& g, int64_t heads) {
-    std::vector<double> out(static_cast<size_t>(B * n * heads * D));
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t t = 0; t < n; ++t) {
-        std::copy_n(&g[static_cast<size_t>((b * N + shard.position(t)) * heads * D)], heads * D,
-                    &out[static_cast<size_t>((b * n + t) * heads * D)]);
-      }
-    }
-    return out;
+  // This rank's rows of a global [B, N, heads, D] tensor (inputs f32, oracle gradients f64).
+  auto take = [&](const auto& g, int64_t heads) {
+    return test::gather_rows(g, B, N, heads * D, shard);
   };
   std::vector<float> lq = take(q, H), lk = take(k, Hkv), lv = take(v, Hkv), ldo = take(dout, H);
   std::vector<float> o(lq.size(), NAN), lse(static_cast<size_t>(B * H * n), NAN);
@@ -111,10 +82,10 @@ TEST_P(RingBackwardMpiTest, ShardMatchesDenseOracle) {
   const TensorView gdo(dout.data(), DType::kF32, {B, N, H, D});
   const ref::RefGrads want =
       ref::attention_backward(spec, gq, pos.data(), gk, gv, pos.data(), zp, gdo);
-  EXPECT_LE(normalised_error(dq, take_ref(want.dq, H)), 1e-5) << "dq on rank " << r;
-  EXPECT_LE(normalised_error(dk, take_ref(want.dk, Hkv)), 1e-5) << "dk on rank " << r;
-  EXPECT_LE(normalised_error(dv, take_ref(want.dv, Hkv)), 1e-5) << "dv on rank " << r;
-  EXPECT_LE(normalised_error(dz, want.dsink), 1e-5) << "dz on rank " << r;
+  EXPECT_LE(test::gradient_error(dq, take(want.dq, H)), 1e-5) << "dq on rank " << r;
+  EXPECT_LE(test::gradient_error(dk, take(want.dk, Hkv)), 1e-5) << "dk on rank " << r;
+  EXPECT_LE(test::gradient_error(dv, take(want.dv, Hkv)), 1e-5) << "dv on rank " << r;
+  EXPECT_LE(test::gradient_error(dz, want.dsink), 1e-5) << "dz on rank " << r;
 }
 
 INSTANTIATE_TEST_SUITE_P(

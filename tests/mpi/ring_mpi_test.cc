@@ -12,6 +12,7 @@
 #include "kernels/cpu/attention_ref.h"
 #include "ringattn/ring.h"
 #include "runtime/src/sharding.h"
+#include "tests/common/test_util.h"
 
 namespace ringattn {
 namespace {
@@ -32,13 +33,11 @@ TEST_P(RingMpiTest, ShardMatchesDenseOracle) {
   MpiCommunicator comm(MPI_COMM_WORLD);
   const int P = comm.size(), r = comm.rank();
   std::mt19937 gen(static_cast<uint32_t>(c.n * 7 + c.window));
-  std::normal_distribution<float> nd(0.0f, 1.0f);
   const int64_t B = c.batch, N = c.n, H = c.heads, Hkv = c.kv_heads, D = c.head_dim;
-  std::vector<float> q(static_cast<size_t>(B * N * H * D)), k(static_cast<size_t>(B * N * Hkv * D)),
-      v(k.size()), z;
-  for (float& x : q) x = nd(gen);
-  for (float& x : k) x = nd(gen);
-  for (float& x : v) x = nd(gen);
+  std::vector<float> q = test::randn(static_cast<size_t>(B * N * H * D), gen);
+  std::vector<float> k = test::randn(static_cast<size_t>(B * N * Hkv * D), gen);
+  std::vector<float> v = test::randn(k.size(), gen);
+  std::vector<float> z;
   for (int64_t h = 0; h < H && c.sink_logits; ++h) z.push_back(0.5f * static_cast<float>(h) - 1.0f);
   AttentionSpec spec;
   spec.causal = c.causal;
@@ -48,22 +47,14 @@ TEST_P(RingMpiTest, ShardMatchesDenseOracle) {
   const Layout layout = resolve_layout(c.layout, c.causal, c.window);
   const Shard shard = make_shard(N, P, r, layout);
   const int64_t n = shard.size();
-  std::vector<int64_t> q_pos(static_cast<size_t>(n)), all_pos(static_cast<size_t>(N));
+  std::vector<int64_t> q_pos(static_cast<size_t>(n));
   shard.positions(0, n, q_pos.data());
-  for (int64_t i = 0; i < N; ++i) all_pos[i] = i;
+  const std::vector<int64_t> all_pos = test::iota_pos(N);
 
   // This rank's shard of q, k, v (rows gathered by global position).
-  auto take = [&](const std::vector<float>& g, int64_t heads) {
-    std::vector<float> out(static_cast<size_t>(B * n * heads * D));
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t t = 0; t < n; ++t) {
-        std::copy_n(&g[static_cast<size_t>((b * N + q_pos[t]) * heads * D)], heads * D,
-                    &out[static_cast<size_t>((b * n + t) * heads * D)]);
-      }
-    }
-    return out;
-  };
-  std::vector<float> lq = take(q, H), lk = take(k, Hkv), lv = take(v, Hkv);
+  std::vector<float> lq = test::gather_rows(q, B, N, H * D, shard),
+                     lk = test::gather_rows(k, B, N, Hkv * D, shard),
+                     lv = test::gather_rows(v, B, N, Hkv * D, shard);
   std::vector<float> o(lq.size(), NAN), lse(static_cast<size_t>(B * H * n), NAN);
   const TensorView tq(lq.data(), DType::kF32, {B, n, H, D});
   const TensorView tk(lk.data(), DType::kF32, {B, n, Hkv, D});
@@ -78,15 +69,10 @@ TEST_P(RingMpiTest, ShardMatchesDenseOracle) {
   // Oracle: this rank's queries against the whole sequence.
   const TensorView gk(k.data(), DType::kF32, {B, N, Hkv, D});
   const TensorView gv(v.data(), DType::kF32, {B, N, Hkv, D});
-  const ref::RefOutput want = ref::attention_forward(spec, tq, q_pos.data(), gk, gv,
-                                                     all_pos.data(), c.sink_logits ? &tz : nullptr);
-  double err = 0, norm = 0;
-  for (size_t i = 0; i < o.size(); ++i) {
-    ASSERT_FALSE(std::isnan(o[i])) << "o[" << i << "] NaN or unwritten on rank " << r;
-    err += (o[i] - want.o[i]) * (o[i] - want.o[i]);
-    norm += want.o[i] * want.o[i];
-  }
-  EXPECT_LE(std::sqrt(err / std::max(norm, 1e-300)), 1e-5) << "rank " << r;
+  const ref::RefOutput want = ref::attention_forward(spec, tq, q_pos.data(), gk, gv, all_pos.data(),
+                                                     c.sink_logits ? &tz : nullptr);
+  std::string why;
+  EXPECT_LE(test::normalised_error(o, want.o, &why), 1e-5) << "o on rank " << r << " " << why;
   for (size_t i = 0; i < lse.size(); ++i) {
     if (std::isinf(want.lse[i])) {
       EXPECT_TRUE(std::isinf(lse[i]) && lse[i] < 0) << "lse[" << i << "] on rank " << r;

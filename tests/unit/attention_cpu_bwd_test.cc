@@ -17,58 +17,16 @@
 #include <vector>
 
 #include "kernels/cpu/attention_ref.h"
+#include "tests/common/test_util.h"
 
 namespace ringattn::cpu {
 namespace {
 
-// Values stored in any dtype; `vals` keeps the rounded values as f32.
-struct Buffer {
-  std::vector<float> vals;
-  std::vector<uint16_t> half;
-  DType dtype = DType::kF32;
-  std::vector<int64_t> shape;
-
-  Buffer(std::vector<float> values, DType dt, std::vector<int64_t> shp)
-      : vals(std::move(values)), dtype(dt), shape(std::move(shp)) {
-    if (dt != DType::kF32) {
-      half.resize(vals.size());
-      for (size_t i = 0; i < vals.size(); ++i) {
-        half[i] = dt == DType::kBF16 ? float_to_bf16(vals[i]).bits : float_to_f16(vals[i]).bits;
-        vals[i] = load_as_float(half.data(), dt, static_cast<int64_t>(i));
-      }
-    }
-  }
-  TensorView view() {
-    void* data = dtype == DType::kF32 ? static_cast<void*>(vals.data()) : half.data();
-    std::vector<int64_t> strides(shape.size(), 1);
-    for (int i = static_cast<int>(shape.size()) - 2; i >= 0; --i) {
-      strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    return TensorView(data, dtype, static_cast<int>(shape.size()), shape.data(), strides.data());
-  }
-};
-
-std::vector<float> randn(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> x(n);
-  for (float& e : x) e = dist(rng);
-  return x;
-}
-
-// ||a - ref|| / ||ref||; NaN anywhere in a makes it NaN, which fails every `<=`. A gradient
-// that is exactly 0 in exact arithmetic (a query that sees only one key: dS = P (dP - Delta)
-// = dP - dP) comes out of f32 as rounding noise of its unit-scale terms, so a zero reference
-// is compared by the RMS of the answer instead (inputs are N(0, 1)).
-double normalised_error(const std::vector<float>& a, const std::vector<double>& ref) {
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i])) return std::numeric_limits<double>::quiet_NaN();
-    num += (a[i] - ref[i]) * (a[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  if (den == 0.0) return a.empty() ? 0.0 : std::sqrt(num / static_cast<double>(a.size()));
-  return std::sqrt(num / den);
-}
+using test::gradient_error;
+using test::HostTensor;
+using test::iota_pos;
+using test::randn;
+using test::uneven_cuts;
 
 enum class Order { kForward, kShuffled };
 
@@ -88,7 +46,7 @@ struct Grads {
 
 struct Case {
   Problem p;
-  Buffer q, k, v, dout, o;
+  HostTensor q, k, v, dout, o;
   std::vector<float> lse;
   ref::RefGrads ref;
 
@@ -102,18 +60,18 @@ struct Case {
     std::mt19937 rng(p.seed);
     const size_t qn = static_cast<size_t>(p.batch * p.nq * p.heads * p.dim);
     const size_t kn = static_cast<size_t>(p.batch * p.nk * p.kv_heads * p.dim);
-    q = Buffer(randn(qn, rng), p.dtype, {p.batch, p.nq, p.heads, p.dim});
-    k = Buffer(randn(kn, rng), p.dtype, {p.batch, p.nk, p.kv_heads, p.dim});
-    v = Buffer(randn(kn, rng), p.dtype, {p.batch, p.nk, p.kv_heads, p.dim});
-    dout = Buffer(randn(qn, rng), p.dtype, {p.batch, p.nq, p.heads, p.dim});
+    q = HostTensor(randn(qn, rng), p.dtype, {p.batch, p.nq, p.heads, p.dim});
+    k = HostTensor(randn(kn, rng), p.dtype, {p.batch, p.nk, p.kv_heads, p.dim});
+    v = HostTensor(randn(kn, rng), p.dtype, {p.batch, p.nk, p.kv_heads, p.dim});
+    dout = HostTensor(randn(qn, rng), p.dtype, {p.batch, p.nq, p.heads, p.dim});
     std::vector<float> z = p.sink;
     TensorView zv(z.data(), DType::kF32, {p.heads});
     const TensorView* sink = z.empty() ? nullptr : &zv;
     // The forward's outputs as the ring hands them over: o in the input dtype, lse f32.
     const ref::RefOutput fwd = ref::attention_forward(p.spec, q.view(), p.q_pos.data(), k.view(),
                                                       v.view(), p.k_pos.data(), sink);
-    o = Buffer(std::vector<float>(fwd.o.begin(), fwd.o.end()), p.dtype,
-               {p.batch, p.nq, p.heads, p.dim});
+    o = HostTensor(std::vector<float>(fwd.o.begin(), fwd.o.end()), p.dtype,
+                   {p.batch, p.nq, p.heads, p.dim});
     lse.assign(fwd.lse.begin(), fwd.lse.end());
     ref = ref::attention_backward(p.spec, q.view(), p.q_pos.data(), k.view(), v.view(),
                                   p.k_pos.data(), sink, dout.view());
@@ -155,28 +113,13 @@ struct Case {
     for (Order order : {Order::kForward, Order::kShuffled}) {
       const Grads g = run(order, threads);
       const char* name = order == Order::kForward ? "forward" : "shuffled";
-      EXPECT_LE(normalised_error(g.dq, ref.dq), tol) << "dq, fold order " << name;
-      EXPECT_LE(normalised_error(g.dk, ref.dk), tol) << "dk, fold order " << name;
-      EXPECT_LE(normalised_error(g.dv, ref.dv), tol) << "dv, fold order " << name;
-      EXPECT_LE(normalised_error(g.dsink, ref.dsink), tol) << "dsink, fold order " << name;
+      EXPECT_LE(gradient_error(g.dq, ref.dq), tol) << "dq, fold order " << name;
+      EXPECT_LE(gradient_error(g.dk, ref.dk), tol) << "dk, fold order " << name;
+      EXPECT_LE(gradient_error(g.dv, ref.dv), tol) << "dv, fold order " << name;
+      EXPECT_LE(gradient_error(g.dsink, ref.dsink), tol) << "dsink, fold order " << name;
     }
   }
 };
-
-std::vector<int64_t> iota_pos(int64_t n, int64_t start = 0) {
-  std::vector<int64_t> v(static_cast<size_t>(n));
-  std::iota(v.begin(), v.end(), start);
-  return v;
-}
-
-std::vector<int64_t> uneven_cuts(int64_t n, int blocks, std::mt19937& rng) {
-  std::vector<int64_t> cuts = {0, n};
-  std::uniform_int_distribution<int64_t> pick(1, std::max<int64_t>(1, n - 1));
-  for (int i = 1; i < blocks && n > 1; ++i) cuts.push_back(pick(rng));
-  std::sort(cuts.begin(), cuts.end());
-  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
-  return cuts;
-}
 
 double tolerance(DType dt) { return dt == DType::kF32 ? 1e-5 : 1e-2; }
 
@@ -289,12 +232,7 @@ INSTANTIATE_TEST_SUITE_P(Gqa, AttentionCpuBwdHeads,
 // window: positions are neither contiguous nor sorted across blocks.
 TEST(AttentionCpuBwd, ZigzagPositions) {
   const int64_t n = 600, chunk = n / 6;
-  auto shard = [&](int r) {
-    std::vector<int64_t> pos = iota_pos(chunk, r * chunk);
-    const std::vector<int64_t> hi = iota_pos(chunk, (5 - r) * chunk);
-    pos.insert(pos.end(), hi.begin(), hi.end());
-    return pos;
-  };
+  auto shard = [&](int r) { return test::zigzag_positions(chunk, 3, r); };
   for (int64_t window : {0, 150}) {
     Problem p;
     p.heads = 4;
@@ -399,10 +337,10 @@ TEST(AttentionCpuBwd, OneShot) {
       TensorView(g.dk.data(), DType::kF32, {1, p.nk, p.kv_heads, p.dim}),
       TensorView(g.dv.data(), DType::kF32, {1, p.nk, p.kv_heads, p.dim}), &dsink, 2);
   EXPECT_GT(st.flops, 0.0);
-  EXPECT_LE(normalised_error(g.dq, c.ref.dq), 1e-5);
-  EXPECT_LE(normalised_error(g.dk, c.ref.dk), 1e-5);
-  EXPECT_LE(normalised_error(g.dv, c.ref.dv), 1e-5);
-  EXPECT_LE(normalised_error(g.dsink, c.ref.dsink), 1e-5);
+  EXPECT_LE(gradient_error(g.dq, c.ref.dq), 1e-5);
+  EXPECT_LE(gradient_error(g.dk, c.ref.dk), 1e-5);
+  EXPECT_LE(gradient_error(g.dv, c.ref.dv), 1e-5);
+  EXPECT_LE(gradient_error(g.dsink, c.ref.dsink), 1e-5);
 }
 
 // Masked tiles are skipped: a causal problem computes fewer pairs than a full one.

@@ -23,83 +23,18 @@
 
 #include "kernels/cpu/attention_ref.h"
 #include "kernels/cpu/vec_math.h"
+#include "tests/common/test_util.h"
 
 namespace ringattn::cpu {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// A host tensor that owns its bytes, stored in any dtype, filled from f32 values.
-struct HostTensor {
-  std::vector<uint16_t> half;
-  std::vector<float> f32;
-  DType dtype = DType::kF32;
-  std::vector<int64_t> shape;
-
-  HostTensor(const std::vector<float>& values, DType dt, std::vector<int64_t> shp)
-      : dtype(dt), shape(std::move(shp)) {
-    if (dt == DType::kF32) {
-      f32 = values;
-    } else {
-      half.resize(values.size());
-      for (size_t i = 0; i < values.size(); ++i) {
-        half[i] = dt == DType::kBF16 ? float_to_bf16(values[i]).bits : float_to_f16(values[i]).bits;
-      }
-    }
-  }
-  void* data() { return dtype == DType::kF32 ? static_cast<void*>(f32.data()) : half.data(); }
-  TensorView view() {
-    std::vector<int64_t> strides(shape.size(), 1);
-    for (int i = static_cast<int>(shape.size()) - 2; i >= 0; --i) strides[i] = strides[i + 1] * shape[i + 1];
-    return TensorView(data(), dtype, static_cast<int>(shape.size()), shape.data(), strides.data());
-  }
-  float at(size_t i) const { return dtype == DType::kF32 ? f32[i] : load_as_float(half.data(), dtype, static_cast<int64_t>(i)); }
-};
-
-std::vector<float> randn(size_t n, std::mt19937& rng, float sigma = 1.0f) {
-  std::normal_distribution<float> dist(0.0f, sigma);
-  std::vector<float> x(n);
-  for (float& e : x) e = dist(rng);
-  return x;
-}
-
-// ||a - ref|| / ||ref||; NaN in a makes it NaN (which fails every `<=`). A zero reference
-// needs a zero answer.
-double normalised_error(const std::vector<float>& a, const std::vector<double>& ref) {
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i])) return std::numeric_limits<double>::quiet_NaN();
-    num += (a[i] - ref[i]) * (a[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  if (den == 0.0) return num == 0.0 ? 0.0 : std::numeric_limits<double>::infinity();
-  return std::sqrt(num / den);
-}
-
-// Compares lse where the reference is finite, and requires -inf exactly where it is -inf.
-double lse_error(const std::vector<float>& a, const std::vector<double>& ref, std::string* why) {
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i])) {
-      *why = "lse is NaN at " + std::to_string(i);
-      return std::numeric_limits<double>::quiet_NaN();
-    }
-    if (std::isinf(ref[i])) {
-      if (a[i] != static_cast<float>(ref[i])) {
-        *why = "lse[" + std::to_string(i) + "] = " + std::to_string(a[i]) + ", expected -inf";
-        return std::numeric_limits<double>::infinity();
-      }
-      continue;
-    }
-    if (!std::isfinite(a[i])) {
-      *why = "lse[" + std::to_string(i) + "] is not finite, expected " + std::to_string(ref[i]);
-      return std::numeric_limits<double>::infinity();
-    }
-    num += (a[i] - ref[i]) * (a[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  return den == 0.0 ? std::sqrt(num) : std::sqrt(num / den);
-}
+using test::HostTensor;
+using test::iota_pos;
+using test::normalised_error;
+using test::randn;
+using test::uneven_cuts;
 
 enum class Order { kForward, kReverse, kShuffled };
 const char* order_name(Order o) {
@@ -186,27 +121,12 @@ void expect_matches_ref(const Problem& p, double tol_o, double tol_lse, bool o_i
   for (Order order : {Order::kForward, Order::kReverse, Order::kShuffled}) {
     const Result r = run_kernel(p, in, order, 2, o_in_dtype);
     const double eo = normalised_error(r.o, ref.o);
+    // lse: -inf exactly where the oracle has -inf.
     std::string why;
-    const double el = lse_error(r.lse, ref.lse, &why);
+    const double el = normalised_error(r.lse, ref.lse, &why);
     EXPECT_LE(eo, tol_o) << "o, fold order " << order_name(order);
     EXPECT_LE(el, tol_lse) << "lse, fold order " << order_name(order) << " " << why;
   }
-}
-
-std::vector<int64_t> iota_pos(int64_t n, int64_t start = 0) {
-  std::vector<int64_t> v(static_cast<size_t>(n));
-  std::iota(v.begin(), v.end(), start);
-  return v;
-}
-
-// Cuts [0, n) into `blocks` uneven non-empty pieces (fewer when n is small).
-std::vector<int64_t> uneven_cuts(int64_t n, int blocks, std::mt19937& rng) {
-  std::vector<int64_t> cuts = {0, n};
-  std::uniform_int_distribution<int64_t> pick(1, std::max<int64_t>(1, n - 1));
-  for (int i = 1; i < blocks && n > 1; ++i) cuts.push_back(pick(rng));
-  std::sort(cuts.begin(), cuts.end());
-  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
-  return cuts;
 }
 
 // ---- the sweep ---------------------------------------------------------------------------------
@@ -324,12 +244,7 @@ INSTANTIATE_TEST_SUITE_P(
 // key blocks are the three ranks' shards as they arrive around the ring.
 TEST(AttentionCpu, ZigzagPositions) {
   const int64_t n = 600, chunk = n / 6;
-  auto shard = [&](int r) {
-    std::vector<int64_t> pos = iota_pos(chunk, r * chunk);
-    const std::vector<int64_t> hi = iota_pos(chunk, (5 - r) * chunk);
-    pos.insert(pos.end(), hi.begin(), hi.end());
-    return pos;
-  };
+  auto shard = [&](int r) { return test::zigzag_positions(chunk, 3, r); };
   for (int64_t window : {0, 150}) {
     Problem p;
     p.heads = 4;

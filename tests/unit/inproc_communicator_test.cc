@@ -19,8 +19,14 @@
 #include <tuple>
 #include <vector>
 
+#include "ringattn/config.h"
 #include "ringattn/error.h"
 #include "ringattn/tensor.h"
+#include "tests/common/test_util.h"
+
+#if RINGATTN_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace ringattn {
 namespace {
@@ -30,19 +36,8 @@ using std::chrono::milliseconds;
 // A safety net: a deadlock in one of these tests becomes an error, not a hung test binary.
 constexpr milliseconds kTestTimeout{30000};
 
-uint8_t pattern(int source, int tag, size_t i) {
-  return static_cast<uint8_t>(source * 131 + tag * 31 + i * 7 + (i >> 8) * 3);
-}
-
-void fill_pattern(std::vector<uint8_t>& buf, int source, int tag) {
-  for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern(source, tag, i);
-}
-
-size_t count_mismatches(const std::vector<uint8_t>& buf, int source, int tag) {
-  size_t bad = 0;
-  for (size_t i = 0; i < buf.size(); ++i) bad += buf[i] != pattern(source, tag, i);
-  return bad;
-}
+using test::count_mismatches;
+using test::fill_pattern;
 
 void run(int world, const std::function<void(Communicator&)>& fn) {
   InprocWorld w(world, kTestTimeout);
@@ -232,6 +227,84 @@ TEST(InprocCommunicatorTest, RejectsInvalidPeerAndTag) {
   });
 }
 
+// Groups are for NCCL; the in-process communicator accepts them (nested too) and ignores them.
+TEST(InprocCommunicatorTest, GroupsAreAcceptedAndIgnored) {
+  run(3, [](Communicator& comm) {
+    const int r = comm.rank();
+    const int world = comm.size();
+    std::vector<uint8_t> out(100), in(100, 0);
+    fill_pattern(out, r, 4);
+    RequestPtr recv, send;
+    {
+      CommGroup group(comm);
+      comm.group_start();
+      recv = comm.irecv(in.data(), in.size(), (r - 1 + world) % world, 4);
+      send = comm.isend(out.data(), out.size(), (r + 1) % world, 4);
+      comm.group_end();
+      group.end();
+    }
+    wait(recv);
+    wait(send);
+    EXPECT_EQ(count_mismatches(in, (r - 1 + world) % world, 4), 0u);
+  });
+}
+
+// ---- device worlds ---------------------------------------------------------------------------
+
+int visible_cuda_devices() {
+#if RINGATTN_WITH_CUDA
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+#else
+  return 0;
+#endif
+}
+
+TEST(InprocWorldDeviceTest, CpuWorldIsTheDefault) {
+  InprocWorld world(2);
+  EXPECT_EQ(world.device(), Device::kCPU);
+  EXPECT_EQ(world.device_index(), 0);
+  InprocWorld explicit_cpu(2, milliseconds::zero(), Device::kCPU);
+  EXPECT_EQ(explicit_cpu.device(), Device::kCPU);
+  EXPECT_FALSE(explicit_cpu.communicator(1)->accepts(Device::kCUDA));
+}
+
+// Without CUDA in the build, or without a device on the machine, a CUDA world cannot exist:
+// Error(kUnsupported) saying which. With a device it is made and accepts device buffers (the
+// transfers themselves are tested in tests/gpu/comm_gpu_test.cc).
+TEST(InprocWorldDeviceTest, CudaWorldNeedsCudaAndADevice) {
+  if (visible_cuda_devices() > 0) {
+    InprocWorld world(2, milliseconds::zero(), Device::kCUDA, 0);
+    EXPECT_EQ(world.device(), Device::kCUDA);
+    EXPECT_TRUE(world.communicator(0)->accepts(Device::kCUDA));
+    EXPECT_TRUE(world.communicator(1)->accepts(Device::kCPU));
+    return;
+  }
+  try {
+    InprocWorld world(2, milliseconds::zero(), Device::kCUDA, 0);
+    FAIL() << "a CUDA world was made without a CUDA device";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kUnsupported);
+    const std::string expected =
+        RINGATTN_WITH_CUDA ? "needs a CUDA device, found none" : "needs a build with CUDA";
+    EXPECT_NE(e.message().find(expected), std::string::npos) << e.what();
+  }
+}
+
+TEST(InprocWorldDeviceTest, RejectsANegativeDeviceIndex) {
+  try {
+    InprocWorld world(2, milliseconds::zero(), Device::kCUDA, -1);
+    FAIL() << "device index -1 accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(e.message().find("found -1"), std::string::npos) << e.what();
+  }
+}
+
 // ---- tensor overloads ------------------------------------------------------------------------
 
 TEST(InprocCommunicatorTest, TensorOverloadsSendContiguousTensors) {
@@ -298,39 +371,11 @@ TEST_P(InprocCollectiveTest, BroadcastsFromEveryRoot) {
   });
 }
 
-// Exactly representable values (multiples of 1/4, small magnitude), so the sum does not
-// depend on the order and each rank computes the expected result alone.
-double value(int rank, size_t i) {
-  return static_cast<double>(static_cast<int64_t>((rank + 1) * 37 + i * 13) % 101 - 50) * 0.25;
-}
-
-template <typename T>
-void check_allreduce(Communicator& comm, ReduceType type, ReduceOp op, size_t count) {
-  std::vector<T> data(count);
-  for (size_t i = 0; i < count; ++i) data[i] = static_cast<T>(value(comm.rank(), i) * 4);
-  comm.allreduce(data.data(), count, type, op);
-  size_t bad = 0;
-  for (size_t i = 0; i < count; ++i) {
-    T expected = static_cast<T>(value(0, i) * 4);
-    for (int r = 1; r < comm.size(); ++r) {
-      const T v = static_cast<T>(value(r, i) * 4);
-      if (op == ReduceOp::kSum) expected += v;
-      if (op == ReduceOp::kMax) expected = std::max(expected, v);
-      if (op == ReduceOp::kMin) expected = std::min(expected, v);
-    }
-    bad += data[i] != expected;
-  }
-  EXPECT_EQ(bad, 0u) << "type " << static_cast<int>(type) << ", op " << static_cast<int>(op)
-                     << ", count " << count;
-}
-
 TEST_P(InprocCollectiveTest, AllreducesEveryTypeAndOp) {
   run(GetParam(), [](Communicator& comm) {
     for (size_t count : {size_t{0}, size_t{1}, size_t{1000}}) {
       for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin}) {
-        check_allreduce<float>(comm, ReduceType::kF32, op, count);
-        check_allreduce<double>(comm, ReduceType::kF64, op, count);
-        check_allreduce<int64_t>(comm, ReduceType::kI64, op, count);
+        test::expect_exact_allreduce(comm, op, count);
       }
     }
   });

@@ -17,9 +17,12 @@
 #include "kernels/cpu/attention_ref.h"
 #include "ringattn/memory.h"
 #include "runtime/src/sharding.h"
+#include "tests/common/test_util.h"
 
 namespace ringattn {
 namespace {
+
+using test::normalised_error;
 
 struct DecodeCase {
   int world;
@@ -53,23 +56,19 @@ struct Sequence {
 
 Sequence make_sequence(const DecodeCase& c, int64_t len, uint32_t seed) {
   std::mt19937 gen(seed);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
   Sequence s;
   s.len = len;
-  s.q.resize(static_cast<size_t>(c.batch * len * c.heads * c.head_dim));
-  s.k.resize(static_cast<size_t>(c.batch * len * c.kv_heads * c.head_dim));
-  s.v.resize(s.k.size());
-  for (auto* t : {&s.q, &s.k, &s.v}) {
-    for (float& x : *t) x = nd(gen);
-  }
+  s.q = test::randn(static_cast<size_t>(c.batch * len * c.heads * c.head_dim), gen, 1.0f, c.dtype);
+  s.k =
+      test::randn(static_cast<size_t>(c.batch * len * c.kv_heads * c.head_dim), gen, 1.0f, c.dtype);
+  s.v = test::randn(s.k.size(), gen, 1.0f, c.dtype);
   if (c.sink_logits) {
     for (int64_t h = 0; h < c.heads; ++h) s.z.push_back(h % 2 ? 1.5f : -0.5f);
   }
   const size_t es = dtype_size(c.dtype);
   for (auto [f, d] : {std::pair{&s.q, &s.qs}, std::pair{&s.k, &s.ks}, std::pair{&s.v, &s.vs}}) {
-    d->resize(f->size() * es);
+    d->resize(f->size() * es);  // exact: the values are already rounded
     convert(f->data(), DType::kF32, d->data(), c.dtype, static_cast<int64_t>(f->size()));
-    convert(d->data(), c.dtype, f->data(), DType::kF32, static_cast<int64_t>(f->size()));
   }
   return s;
 }
@@ -83,15 +82,8 @@ TensorView rows(std::vector<char>& buf, const DecodeCase& c, int64_t len, int64_
 // The shard's rows of a [B, len, heads, D] dtype buffer, gathered contiguously.
 std::vector<char> gather(const std::vector<char>& buf, const DecodeCase& c, int64_t len,
                          int64_t heads, const Shard& shard) {
-  const size_t row = static_cast<size_t>(heads * c.head_dim) * dtype_size(c.dtype);
-  const int64_t n = shard.size();
-  std::vector<char> out(static_cast<size_t>(c.batch * n) * row);
-  for (int64_t b = 0; b < c.batch; ++b) {
-    for (int64_t t = 0; t < n; ++t) {
-      std::memcpy(&out[(b * n + t) * row], &buf[(b * len + shard.position(t)) * row], row);
-    }
-  }
-  return out;
+  const int64_t row_bytes = heads * c.head_dim * static_cast<int64_t>(dtype_size(c.dtype));
+  return test::gather_rows(buf, c.batch, len, row_bytes, shard);
 }
 
 KVCacheConfig config_of(const DecodeCase& c) {
@@ -110,21 +102,6 @@ KVCacheConfig config_of(const DecodeCase& c) {
   cfg.max_step_tokens = c.step;
   cfg.num_threads = 1;
   return cfg;
-}
-
-// Normalised error of got against want (f64); -inf entries must match exactly.
-double normalised_error(const std::vector<double>& want, const std::vector<float>& got) {
-  double err = 0, norm = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (std::isnan(got[i])) return INFINITY;
-    if (std::isinf(want[i])) {
-      if (!(std::isinf(got[i]) && got[i] < 0)) return INFINITY;
-      continue;
-    }
-    err += (got[i] - want[i]) * (got[i] - want[i]);
-    norm += want[i] * want[i];
-  }
-  return std::sqrt(err / std::max(norm, 1e-300));
 }
 
 // The oracle for queries [q_lo, q_hi) over the keys at `keys` (global positions).
@@ -222,8 +199,8 @@ TEST_P(KVCacheDecodeTest, MatchesDenseOracle) {
         std::vector<int64_t> keys;
         for (int64_t j = 0; j < hi; ++j) keys.push_back(j);
         const ref::RefOutput want = oracle(c, s, lo, hi, keys);
-        EXPECT_LE(normalised_error(want.o, o), tol) << "o at positions " << lo << ".." << hi;
-        EXPECT_LE(normalised_error(want.lse, lse), tol) << "lse at positions " << lo << ".." << hi;
+        EXPECT_LE(normalised_error(o, want.o), tol) << "o at positions " << lo << ".." << hi;
+        EXPECT_LE(normalised_error(lse, want.lse), tol) << "lse at positions " << lo << ".." << hi;
         decoded += hi - lo;
       },
       [](Communicator&, const KVCache&) {});
@@ -280,8 +257,8 @@ TEST_P(KVCacheStreamingTest, EvictsAndMatchesWindowedOracle) {
         // Only tokens < hi exist when this call runs; the window reaches back W - 1.
         for (int64_t j = std::max(c.sinks, lo - c.window + 1); j < hi; ++j) keys.push_back(j);
         const ref::RefOutput want = oracle(c, s, lo, hi, keys);
-        EXPECT_LE(normalised_error(want.o, o), 1e-5) << "o at positions " << lo << ".." << hi;
-        EXPECT_LE(normalised_error(want.lse, lse), 1e-5) << "lse at positions " << lo;
+        EXPECT_LE(normalised_error(o, want.o), 1e-5) << "o at positions " << lo << ".." << hi;
+        EXPECT_LE(normalised_error(lse, want.lse), 1e-5) << "lse at positions " << lo;
         ++checked;
       },
       [&](Communicator& comm, const KVCache& cache) {

@@ -6,94 +6,29 @@
 
 #include <cmath>
 #include <mutex>
-#include <random>
-#include <sstream>
 
 #include "comm/inproc/inproc_communicator.h"
 #include "kernels/cpu/attention_ref.h"
 #include "ringattn/ring.h"
 #include "runtime/src/ring_plan.h"
 #include "runtime/src/sharding.h"
+#include "tests/common/test_util.h"
 
 namespace ringattn {
 namespace {
 
-struct RingCase {
-  int world;
-  int64_t n;
-  Layout layout;
-  bool causal;
-  int64_t window;
-  int64_t sinks;
-  bool sink_logits;
-  int64_t heads, kv_heads, head_dim, batch;
-  DType dtype;
-};
-
-std::string case_name(const RingCase& c) {
-  std::ostringstream os;
-  os << "P" << c.world << "_N" << c.n << "_" << layout_name(c.layout)
-     << (c.causal ? "_causal" : "_full") << "_W" << c.window << "_S" << c.sinks
-     << (c.sink_logits ? "_z" : "") << "_H" << c.heads << "x" << c.kv_heads << "_D" << c.head_dim
-     << "_B" << c.batch << "_" << dtype_name(c.dtype);
-  return os.str();
-}
-
-struct Global {
-  std::vector<float> q, k, v, z;
-};
-
-Global make_inputs(const RingCase& c, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  Global g;
-  g.q.resize(static_cast<size_t>(c.batch * c.n * c.heads * c.head_dim));
-  g.k.resize(static_cast<size_t>(c.batch * c.n * c.kv_heads * c.head_dim));
-  g.v.resize(g.k.size());
-  for (float& x : g.q) x = nd(gen);
-  for (float& x : g.k) x = nd(gen);
-  for (float& x : g.v) x = nd(gen);
-  if (c.sink_logits) {
-    for (int64_t h = 0; h < c.heads; ++h) g.z.push_back(h % 2 ? 2.5f : -1.0f);
-  }
-  // Round inputs to the compute dtype so the oracle sees exactly what the ring sees.
-  if (c.dtype != DType::kF32) {
-    for (auto* t : {&g.q, &g.k, &g.v}) {
-      std::vector<char> tmp(t->size() * 2);
-      convert(t->data(), DType::kF32, tmp.data(), c.dtype, static_cast<int64_t>(t->size()));
-      convert(tmp.data(), c.dtype, t->data(), DType::kF32, static_cast<int64_t>(t->size()));
-    }
-  }
-  return g;
-}
-
-// Gathers the rows of a [B, N, heads, D] global tensor at the shard's positions, in dtype.
-std::vector<char> gather(const std::vector<float>& global, const RingCase& c, int64_t heads,
-                         const Shard& shard) {
-  const int64_t row = heads * c.head_dim, n = shard.size();
-  std::vector<char> out(static_cast<size_t>(c.batch * n * row) * dtype_size(c.dtype));
-  for (int64_t b = 0; b < c.batch; ++b) {
-    for (int64_t t = 0; t < n; ++t) {
-      const float* src = &global[static_cast<size_t>((b * c.n + shard.position(t)) * row)];
-      convert(src, DType::kF32, out.data() + ((b * n + t) * row) * dtype_size(c.dtype), c.dtype,
-              row);
-    }
-  }
-  return out;
-}
+using test::gather_rows;
+using test::RingCase;
+using test::scatter_rows;
 
 class RingForwardTest : public ::testing::TestWithParam<RingCase> {};
 
 TEST_P(RingForwardTest, MatchesDenseOracle) {
   const RingCase c = GetParam();
-  const Global g = make_inputs(c, static_cast<uint32_t>(c.n * 131 + c.world));
-  AttentionSpec spec;
-  spec.causal = c.causal;
-  spec.window = c.window;
-  spec.sinks = c.sinks;
-  spec.layout = c.layout;
-  std::vector<int64_t> pos(static_cast<size_t>(c.n));
-  for (int64_t i = 0; i < c.n; ++i) pos[i] = i;
+  const test::RingInputs g =
+      test::make_ring_inputs(c, static_cast<uint32_t>(c.n * 131 + c.world), false);
+  const AttentionSpec spec = test::spec_of(c);
+  const std::vector<int64_t> pos = test::iota_pos(c.n);
   TensorView gq(const_cast<float*>(g.q.data()), DType::kF32, {c.batch, c.n, c.heads, c.head_dim});
   TensorView gk(const_cast<float*>(g.k.data()), DType::kF32,
                 {c.batch, c.n, c.kv_heads, c.head_dim});
@@ -110,9 +45,10 @@ TEST_P(RingForwardTest, MatchesDenseOracle) {
   run_inproc(c.world, [&](Communicator& comm) {
     const Shard shard = make_shard(c.n, comm.size(), comm.rank(), layout);
     const int64_t n = shard.size();
-    std::vector<char> q = gather(g.q, c, c.heads, shard);
-    std::vector<char> k = gather(g.k, c, c.kv_heads, shard);
-    std::vector<char> v = gather(g.v, c, c.kv_heads, shard);
+    const int64_t qrow = c.heads * c.head_dim, krow = c.kv_heads * c.head_dim;
+    std::vector<char> q = gather_rows(g.q, c.batch, c.n, qrow, shard, c.dtype);
+    std::vector<char> k = gather_rows(g.k, c.batch, c.n, krow, shard, c.dtype);
+    std::vector<char> v = gather_rows(g.v, c.batch, c.n, krow, shard, c.dtype);
     std::vector<float> o(static_cast<size_t>(c.batch * n * c.heads * c.head_dim), NAN);
     std::vector<float> lse(static_cast<size_t>(c.batch * c.heads * n), NAN);
     std::vector<float> z = g.z;
@@ -126,40 +62,16 @@ TEST_P(RingForwardTest, MatchesDenseOracle) {
     opt.num_threads = 1;
     forward(comm, spec, c.n, tq, tk, tv, c.sink_logits ? &tz : nullptr, to, &tl, opt);
     std::lock_guard<std::mutex> lock(mu);
-    for (int64_t b = 0; b < c.batch; ++b) {
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t p = shard.position(t);
-        for (int64_t x = 0; x < c.heads * c.head_dim; ++x) {
-          got_o[static_cast<size_t>((b * c.n + p) * c.heads * c.head_dim + x)] =
-              o[static_cast<size_t>((b * n + t) * c.heads * c.head_dim + x)];
-        }
-        for (int64_t h = 0; h < c.heads; ++h) {
-          got_lse[static_cast<size_t>((b * c.heads + h) * c.n + p)] =
-              lse[static_cast<size_t>((b * c.heads + h) * n + t)];
-        }
-      }
-    }
+    scatter_rows(o, c.batch, c.n, qrow, shard, got_o);
+    scatter_rows(lse, c.batch * c.heads, c.n, 1, shard, got_lse);
   });
 
+  // NaN (an element never written) fails; lse must be -inf exactly where the oracle's is.
   const double tol = c.dtype == DType::kF32 ? 1e-5 : 1e-2;
-  double err = 0, norm = 0;
-  for (size_t i = 0; i < want.o.size(); ++i) {
-    ASSERT_FALSE(std::isnan(got_o[i])) << "o[" << i << "] is NaN or was never written";
-    err += (got_o[i] - want.o[i]) * (got_o[i] - want.o[i]);
-    norm += want.o[i] * want.o[i];
-  }
-  EXPECT_LE(std::sqrt(err / std::max(norm, 1e-300)), tol) << "normalised error of o";
-  double lerr = 0, lnorm = 0;
-  for (size_t i = 0; i < want.lse.size(); ++i) {
-    ASSERT_FALSE(std::isnan(got_lse[i])) << "lse[" << i << "] is NaN or was never written";
-    if (std::isinf(want.lse[i])) {
-      EXPECT_TRUE(std::isinf(got_lse[i]) && got_lse[i] < 0) << "lse[" << i << "] must be -inf";
-      continue;
-    }
-    lerr += (got_lse[i] - want.lse[i]) * (got_lse[i] - want.lse[i]);
-    lnorm += want.lse[i] * want.lse[i];
-  }
-  EXPECT_LE(std::sqrt(lerr / std::max(lnorm, 1e-300)), tol) << "normalised error of lse";
+  std::string why;
+  EXPECT_LE(test::normalised_error(got_o, want.o, &why), tol) << "normalised error of o " << why;
+  EXPECT_LE(test::normalised_error(got_lse, want.lse, &why), tol)
+      << "normalised error of lse " << why;
 }
 
 std::vector<RingCase> ring_cases() {
@@ -197,9 +109,7 @@ std::vector<RingCase> ring_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Sweep, RingForwardTest, ::testing::ValuesIn(ring_cases()),
-                         [](const ::testing::TestParamInfo<RingCase>& i) {
-                           return case_name(i.param);
-                         });
+                         test::ring_case_name);
 
 // A rank whose configuration differs must make EVERY rank fail, never hang.
 TEST(RingForwardErrors, ConfigurationMismatchFailsOnEveryRank) {

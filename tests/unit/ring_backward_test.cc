@@ -7,119 +7,29 @@
 
 #include <cmath>
 #include <mutex>
-#include <random>
-#include <sstream>
 
 #include "comm/inproc/inproc_communicator.h"
 #include "kernels/cpu/attention_ref.h"
 #include "ringattn/ring.h"
 #include "runtime/src/sharding.h"
+#include "tests/common/test_util.h"
 
 namespace ringattn {
 namespace {
 
-struct BwdCase {
-  int world;
-  int64_t n;
-  Layout layout;
-  bool causal;
-  int64_t window;
-  int64_t sinks;
-  bool sink_logits;
-  int64_t heads, kv_heads, head_dim, batch;
-  DType dtype;
-};
+using test::gather_rows;
+using test::gradient_error;
+using test::RingCase;
+using test::scatter_rows;
 
-std::string case_name(const BwdCase& c) {
-  std::ostringstream os;
-  os << "P" << c.world << "_N" << c.n << "_" << layout_name(c.layout)
-     << (c.causal ? "_causal" : "_full") << "_W" << c.window << "_S" << c.sinks
-     << (c.sink_logits ? "_z" : "") << "_H" << c.heads << "x" << c.kv_heads << "_D" << c.head_dim
-     << "_B" << c.batch << "_" << dtype_name(c.dtype);
-  return os.str();
-}
-
-// Global inputs, rounded to the compute dtype so the oracle sees what the ring sees.
-struct Global {
-  std::vector<float> q, k, v, dout, z;
-};
-
-Global make_inputs(const BwdCase& c, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  Global g;
-  g.q.resize(static_cast<size_t>(c.batch * c.n * c.heads * c.head_dim));
-  g.dout.resize(g.q.size());
-  g.k.resize(static_cast<size_t>(c.batch * c.n * c.kv_heads * c.head_dim));
-  g.v.resize(g.k.size());
-  for (auto* t : {&g.q, &g.k, &g.v, &g.dout}) {
-    for (float& x : *t) x = nd(gen);
-    if (c.dtype != DType::kF32) {
-      std::vector<char> tmp(t->size() * 2);
-      convert(t->data(), DType::kF32, tmp.data(), c.dtype, static_cast<int64_t>(t->size()));
-      convert(tmp.data(), c.dtype, t->data(), DType::kF32, static_cast<int64_t>(t->size()));
-    }
-  }
-  if (c.sink_logits) {
-    for (int64_t h = 0; h < c.heads; ++h) g.z.push_back(h % 2 ? 2.5f : -1.0f);
-  }
-  return g;
-}
-
-// Rows of a [B, N, heads, D] global tensor at the shard's positions, in dtype.
-std::vector<char> gather(const std::vector<float>& global, const BwdCase& c, int64_t heads,
-                         const Shard& shard) {
-  const int64_t row = heads * c.head_dim, n = shard.size();
-  std::vector<char> out(static_cast<size_t>(c.batch * n * row) * dtype_size(c.dtype));
-  for (int64_t b = 0; b < c.batch; ++b) {
-    for (int64_t t = 0; t < n; ++t) {
-      const float* src = &global[static_cast<size_t>((b * c.n + shard.position(t)) * row)];
-      convert(src, DType::kF32, out.data() + ((b * n + t) * row) * dtype_size(c.dtype), c.dtype,
-              row);
-    }
-  }
-  return out;
-}
-
-// Writes a local [B, n, heads, D] f32 shard into its global positions.
-void scatter(const std::vector<float>& local, const BwdCase& c, int64_t heads, const Shard& shard,
-             std::vector<double>& global) {
-  const int64_t row = heads * c.head_dim, n = shard.size();
-  for (int64_t b = 0; b < c.batch; ++b) {
-    for (int64_t t = 0; t < n; ++t) {
-      for (int64_t x = 0; x < row; ++x) {
-        global[static_cast<size_t>((b * c.n + shard.position(t)) * row + x)] =
-            local[static_cast<size_t>((b * n + t) * row + x)];
-      }
-    }
-  }
-}
-
-// ||a - ref|| / ||ref||, or the RMS of a when the reference is exactly 0 (see
-// attention_cpu_bwd_test.cc); a NaN (or a value never written) fails.
-double normalised_error(const std::vector<double>& a, const std::vector<double>& ref) {
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i])) return std::nan("");
-    num += (a[i] - ref[i]) * (a[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  if (den == 0.0) return a.empty() ? 0.0 : std::sqrt(num / static_cast<double>(a.size()));
-  return std::sqrt(num / den);
-}
-
-class RingBackwardTest : public ::testing::TestWithParam<BwdCase> {};
+class RingBackwardTest : public ::testing::TestWithParam<RingCase> {};
 
 TEST_P(RingBackwardTest, MatchesDenseOracle) {
-  const BwdCase c = GetParam();
-  const Global g = make_inputs(c, static_cast<uint32_t>(c.n * 131 + c.world * 7 + c.window));
-  AttentionSpec spec;
-  spec.causal = c.causal;
-  spec.window = c.window;
-  spec.sinks = c.sinks;
-  spec.layout = c.layout;
-  std::vector<int64_t> pos(static_cast<size_t>(c.n));
-  for (int64_t i = 0; i < c.n; ++i) pos[i] = i;
+  const RingCase c = GetParam();
+  const test::RingInputs g =
+      test::make_ring_inputs(c, static_cast<uint32_t>(c.n * 131 + c.world * 7 + c.window), true);
+  const AttentionSpec spec = test::spec_of(c);
+  const std::vector<int64_t> pos = test::iota_pos(c.n);
   auto view = [&](const std::vector<float>& t, int64_t heads) {
     return TensorView(const_cast<float*>(t.data()), DType::kF32, {c.batch, c.n, heads, c.head_dim});
   };
@@ -136,10 +46,11 @@ TEST_P(RingBackwardTest, MatchesDenseOracle) {
   run_inproc(c.world, [&](Communicator& comm) {
     const Shard shard = make_shard(c.n, comm.size(), comm.rank(), layout);
     const int64_t n = shard.size();
-    std::vector<char> q = gather(g.q, c, c.heads, shard);
-    std::vector<char> k = gather(g.k, c, c.kv_heads, shard);
-    std::vector<char> v = gather(g.v, c, c.kv_heads, shard);
-    std::vector<char> dout = gather(g.dout, c, c.heads, shard);
+    const int64_t qrow = c.heads * c.head_dim, krow = c.kv_heads * c.head_dim;
+    std::vector<char> q = gather_rows(g.q, c.batch, c.n, qrow, shard, c.dtype);
+    std::vector<char> k = gather_rows(g.k, c.batch, c.n, krow, shard, c.dtype);
+    std::vector<char> v = gather_rows(g.v, c.batch, c.n, krow, shard, c.dtype);
+    std::vector<char> dout = gather_rows(g.dout, c.batch, c.n, qrow, shard, c.dtype);
     std::vector<char> o(q.size());
     std::vector<float> lse(static_cast<size_t>(c.batch * c.heads * n), NAN);
     const size_t qn = static_cast<size_t>(c.batch * n * c.heads * c.head_dim);
@@ -164,27 +75,26 @@ TEST_P(RingBackwardTest, MatchesDenseOracle) {
              TensorView(lk.data(), DType::kF32, {c.batch, n, c.kv_heads, c.head_dim}),
              TensorView(lv.data(), DType::kF32, {c.batch, n, c.kv_heads, c.head_dim}), &tdz, opt);
     std::lock_guard<std::mutex> lock(mu);
-    scatter(lq, c, c.heads, shard, dq);
-    scatter(lk, c, c.kv_heads, shard, dk);
-    scatter(lv, c, c.kv_heads, shard, dv);
+    scatter_rows(lq, c.batch, c.n, qrow, shard, dq);
+    scatter_rows(lk, c.batch, c.n, krow, shard, dk);
+    scatter_rows(lv, c.batch, c.n, krow, shard, dv);
     dsink[static_cast<size_t>(comm.rank())] = ldz;
   });
 
   // The forward's o is rounded to the dtype before the backward reads it (as a training
   // framework would store it), hence the same tolerance as the forward's.
   const double tol = c.dtype == DType::kF32 ? 1e-5 : 1e-2;
-  EXPECT_LE(normalised_error(dq, want.dq), tol) << "dq";
-  EXPECT_LE(normalised_error(dk, want.dk), tol) << "dk";
-  EXPECT_LE(normalised_error(dv, want.dv), tol) << "dv";
+  EXPECT_LE(gradient_error(dq, want.dq), tol) << "dq";
+  EXPECT_LE(gradient_error(dk, want.dk), tol) << "dk";
+  EXPECT_LE(gradient_error(dv, want.dv), tol) << "dv";
   for (int r = 0; r < c.world; ++r) {
-    const std::vector<double> got(dsink[r].begin(), dsink[r].end());
-    EXPECT_LE(normalised_error(got, want.dsink), tol) << "dsink on rank " << r;
+    EXPECT_LE(gradient_error(dsink[r], want.dsink), tol) << "dsink on rank " << r;
     EXPECT_EQ(dsink[r], dsink[0]) << "every rank must end with the same dz";
   }
 }
 
-std::vector<BwdCase> backward_cases() {
-  std::vector<BwdCase> cases;
+std::vector<RingCase> backward_cases() {
+  std::vector<RingCase> cases;
   const DType f32 = DType::kF32;
   // Every rank count with both layouts, causal and not, N not divisible by P.
   for (int p : {1, 2, 3, 4, 7}) {
@@ -216,9 +126,7 @@ std::vector<BwdCase> backward_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Sweep, RingBackwardTest, ::testing::ValuesIn(backward_cases()),
-                         [](const ::testing::TestParamInfo<BwdCase>& i) {
-                           return case_name(i.param);
-                         });
+                         test::ring_case_name);
 
 // A configuration mismatch or bad local input on one rank fails on every rank, never hangs.
 TEST(RingBackwardErrors, FailuresAreAgreedOnEveryRank) {

@@ -42,6 +42,9 @@ struct PlanInput {
   /// Learned per-head sink logits are given (train: the backward reduces their gradient dz [H]
   /// together with the sinks' dk/dv).
   bool sink_logits = false;
+  /// Where the runtime's buffers live: kCPU (the CPU kernels; host memory) or kCUDA (the CUDA
+  /// kernels; device memory, which is what --gpu-mem budgets).
+  Device device = Device::kCPU;
 };
 
 /// Bytes one rank needs, by component. Every field is bytes. `peak` is the high-water mark of

@@ -5,12 +5,33 @@
 /// ringattn_status, and on failure ringattn_last_error() holds a one-line message for the
 /// calling thread. Usable from C99 and from any FFI (the Python package is built on it).
 ///
-/// Tensors are contiguous row-major host buffers, as in the C++ API (SPEC section 1):
+/// Tensors are contiguous row-major buffers, as in the C++ API (SPEC section 1):
 ///   q, o, dq, dout   [B, N_local, H, D]        k, v, dk, dv  [B, N_local, H_kv, D]
 ///   lse              [B, H, N_local] f32       sink_logits, dsink  [H] f32
 /// q/k/v/o/dout/dq/dk/dv share one dtype (ringattn_dtype); lse, sink_logits, dsink are f32.
 /// Every rank passes ITS shard of the global sequence of seq_len tokens, in the order of the
 /// resolved layout (ringattn_shard_positions tells which global positions that is).
+///
+/// Where tensors live: where the communicator passes buffers. Host memory for "mpi" and
+/// "inproc" (self) communicators; device memory of the communicator's GPU
+/// (ringattn_comm_device) for "nccl" ones, where forward/backward run the CUDA kernels. Every
+/// tensor of one call lives in the same place; ringattn_allreduce/ringattn_broadcast also
+/// take host memory with an "nccl" communicator (staged through the device).
+///
+/// CUDA tensors and streams: forward/backward read their inputs from their own internal
+/// stream, which does not wait for the caller's streams, so the caller must synchronise the
+/// stream(s) that produced the inputs (and that last used the output buffers) before the call
+/// (from PyTorch: torch.cuda.current_stream(device).synchronize()). The calls are blocking:
+/// on return the outputs are complete and may be used from any stream and from the host. The
+/// communicator's GPU is made the calling thread's current device for the call (the caller's
+/// is restored afterwards), so any thread may call.
+///
+/// Errors across ranks: every argument check of ringattn_forward/ringattn_backward (spec,
+/// shape, dtype, null pointers, and with an "nccl" communicator the location of every pointer,
+/// see above) runs inside one agreement over the communicator (a small allreduce), as do the
+/// ring's own checks: a bad argument on one rank returns the same error status on every rank
+/// (the other ranks' messages end "(reported by rank r)"), never a hang. Only a null
+/// communicator is reported locally.
 ///
 /// Compatibility: RINGATTN_ABI_VERSION changes only when a signature or a struct changes;
 /// new functions and new enum values do not change it.
@@ -99,21 +120,34 @@ const char* ringattn_status_name(int status);
 ringattn_status ringattn_comm_create_mpi(ringattn_comm** out);
 /// A one-rank communicator that needs no MPI (single-process use and tests).
 ringattn_status ringattn_comm_create_self(ringattn_comm** out);
-/// Frees a communicator (null is ignored). Collective for MPI communicators.
+/// A communicator over MPI_COMM_WORLD whose tensors are CUDA device buffers, moved by NCCL.
+/// Collective over MPI_COMM_WORLD; initialises MPI as ringattn_comm_create_mpi does. Each rank
+/// uses one GPU, chosen by its node-local rank (local rank % device count), and that GPU
+/// becomes the calling thread's current device. One GPU per rank: a node with more ranks than
+/// GPUs, or without a GPU, fails on every rank with RINGATTN_ERROR_UNSUPPORTED (for several
+/// ranks on one GPU use the `ringattn` program's --virtual-ranks). In a build without NCCL it
+/// returns RINGATTN_ERROR_UNSUPPORTED at once, without initialising MPI.
+ringattn_status ringattn_comm_create_nccl(ringattn_comm** out);
+/// Frees a communicator (null is ignored). Collective for MPI and NCCL communicators.
 ringattn_status ringattn_comm_destroy(ringattn_comm* comm);
 /// This rank and the number of ranks.
 ringattn_status ringattn_comm_rank(const ringattn_comm* comm, int* rank);
 ringattn_status ringattn_comm_size(const ringattn_comm* comm, int* size);
-/// "mpi" or "inproc" (static string; "" for a null handle).
+/// "mpi", "inproc" or "nccl" (static string; "" for a null handle).
 const char* ringattn_comm_name(const ringattn_comm* comm);
-/// Blocking in-place allreduce of `count` elements of `data` over the communicator.
+/// The CUDA device whose memory the communicator's tensors live in ("nccl"), or -1 for a
+/// communicator of host buffers ("mpi", "inproc").
+ringattn_status ringattn_comm_device(const ringattn_comm* comm, int* device);
+/// Blocking in-place allreduce of `count` elements of `data` over the communicator (host
+/// memory, or with an "nccl" communicator host or device memory of its GPU).
 ringattn_status ringattn_allreduce(ringattn_comm* comm, void* data, int64_t count, int type,
                                    int op);
-/// Blocking broadcast of `bytes` bytes from `root`.
+/// Blocking broadcast of `bytes` bytes from `root` (memory as for ringattn_allreduce).
 ringattn_status ringattn_broadcast(ringattn_comm* comm, void* data, int64_t bytes, int root);
 /// Blocks until every rank arrived.
 ringattn_status ringattn_barrier(ringattn_comm* comm);
-/// Finalises MPI if ringattn_comm_create_mpi initialised it (destroy MPI communicators first).
+/// Finalises MPI if ringattn_comm_create_mpi or ringattn_comm_create_nccl initialised it
+/// (destroy MPI and NCCL communicators first).
 /// Idempotent; MPI cannot be initialised again afterwards.
 ringattn_status ringattn_mpi_finalize(void);
 /// MPI_Abort(MPI_COMM_WORLD, code): ends every rank of the job. For an application's top-level
@@ -132,7 +166,9 @@ ringattn_status ringattn_shard_positions(const ringattn_spec* spec, int64_t seq_
                                          int64_t* count);
 
 /// Ring attention forward for this rank's shard (a collective: every rank of comm calls it).
-/// sink_logits may be null; lse may be null. num_threads 0: the kernel's default.
+/// sink_logits may be null; lse may be null. num_threads 0: the kernel's default (CPU kernels
+/// only). Tensors live where the communicator passes buffers (see the top of this file).
+/// Blocking: o and lse are complete on return.
 ringattn_status ringattn_forward(ringattn_comm* comm, const ringattn_spec* spec, int64_t seq_len,
                                  const ringattn_shape* shape, int dtype, const void* q,
                                  const void* k, const void* v, const float* sink_logits, void* o,
@@ -140,7 +176,8 @@ ringattn_status ringattn_forward(ringattn_comm* comm, const ringattn_spec* spec,
 
 /// Ring attention backward (SPEC section 5) from the forward's o and lse and the output
 /// gradient dout. Writes dq, dk, dv (the dtype of q) and, if dsink is non-null, dz [H] summed
-/// over all ranks (zeros without sink_logits). A collective.
+/// over all ranks (zeros without sink_logits). A collective; tensors and blocking as in
+/// ringattn_forward.
 ringattn_status ringattn_backward(ringattn_comm* comm, const ringattn_spec* spec, int64_t seq_len,
                                   const ringattn_shape* shape, int dtype, const void* q,
                                   const void* k, const void* v, const void* o, const float* lse,
