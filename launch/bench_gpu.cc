@@ -202,14 +202,7 @@ int bench_gpu_cuda(const GpuBenchArgs& a, const std::vector<int64_t>& seq_lens,
 
     // The state's three arrays in buffers of their own (each aligned as cudaMalloc aligns).
     cuda::DeviceBuffer st_m(B * H * N * 4), st_l(B * H * N * 4), st_acc(qn * 4), lse(B * H * N * 4);
-    cuda::ForwardState st;
-    st.m = st_m.as<float>();
-    st.l = st_l.as<float>();
-    st.acc = st_acc.as<float>();
-    st.batch = B;
-    st.q_len = N;
-    st.heads = H;
-    st.head_dim = D;
+    const cuda::ForwardState st{st_m.as<float>(), st_l.as<float>(), st_acc.as<float>(), B, N, H, D};
 
     const Device dev = Device::kCUDA;
     const TensorView qv(q.data(), dtype, {B, N, H, D}, dev);
@@ -230,14 +223,8 @@ int bench_gpu_cuda(const GpuBenchArgs& a, const std::vector<int64_t>& seq_lens,
       dk_out.resize(kn * el);
       dv_out.resize(kn * el);
     }
-    cuda::BackwardState bst;
-    bst.lse = lse.as<float>();
-    bst.delta = delta.as<float>();
-    bst.dq = dq_acc.as<float>();
-    bst.batch = B;
-    bst.q_len = N;
-    bst.heads = H;
-    bst.head_dim = D;
+    const cuda::BackwardState bst{
+        lse.as<float>(), delta.as<float>(), dq_acc.as<float>(), B, N, H, D};
     const TensorView dk_accv(dk_acc.data(), DType::kF32, {B, N, Hkv, D}, dev);
     const TensorView dv_accv(dv_acc.data(), DType::kF32, {B, N, Hkv, D}, dev);
     const TensorView dq_outv(dq_out.data(), dtype, {B, N, H, D}, dev);

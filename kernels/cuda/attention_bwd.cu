@@ -774,23 +774,12 @@ void launch_delta_o(const TensorView& o, const TensorView& dout, const BackwardS
   const Strides4 ds{dout.stride(0), dout.stride(1), dout.stride(2)};
   const unsigned blocks = row_blocks(rows);
   const int heads = static_cast<int>(st.heads), d = static_cast<int>(st.head_dim);
-  switch (dout.dtype()) {
-    case DType::kBF16:
-      delta_kernel<<<blocks, kRowWarps * 32, 0, stream>>>(o.data_as<const TO>(), os,
-                                                          dout.data_as<const __nv_bfloat16>(), ds,
-                                                          st.delta, st.q_len, heads, d, rows);
-      break;
-    case DType::kF16:
-      delta_kernel<<<blocks, kRowWarps * 32, 0, stream>>>(o.data_as<const TO>(), os,
-                                                          dout.data_as<const __half>(), ds,
-                                                          st.delta, st.q_len, heads, d, rows);
-      break;
-    default:
-      delta_kernel<<<blocks, kRowWarps * 32, 0, stream>>>(o.data_as<const TO>(), os,
-                                                          dout.data_as<const float>(), ds, st.delta,
-                                                          st.q_len, heads, d, rows);
-      break;
-  }
+  detail::with_element_type(dout.dtype(), [&](auto t) {
+    using TD = decltype(t);
+    delta_kernel<<<blocks, kRowWarps * 32, 0, stream>>>(o.data_as<const TO>(), os,
+                                                        dout.data_as<const TD>(), ds, st.delta,
+                                                        st.q_len, heads, d, rows);
+  });
   RINGATTN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -817,17 +806,8 @@ void backward_begin(const TensorView& o, const TensorView& dout, const BackwardS
   if (rows == 0) return;
   RINGATTN_CUDA_CHECK(
       cudaMemsetAsync(st.dq, 0, static_cast<size_t>(rows * st.head_dim) * sizeof(float), stream));
-  switch (o.dtype()) {
-    case DType::kBF16:
-      launch_delta_o<__nv_bfloat16>(o, dout, st, stream);
-      break;
-    case DType::kF16:
-      launch_delta_o<__half>(o, dout, st, stream);
-      break;
-    default:
-      launch_delta_o<float>(o, dout, st, stream);
-      break;
-  }
+  detail::with_element_type(o.dtype(),
+                            [&](auto t) { launch_delta_o<decltype(t)>(o, dout, st, stream); });
 }
 
 void fold_backward(const AttentionSpec& spec, const TensorView& q, const int64_t* q_pos,
@@ -928,27 +908,13 @@ void fold_backward(const AttentionSpec& spec, const TensorView& q, const int64_t
   detail::tile_bounds(k_pos, k_len, static_cast<int>(tile), bounds + 2 * q_tiles, stream);
 
   if (use_tc) {
-    const bool bf16 = q.dtype() == DType::kBF16;
-    if (d == 64) {
-      bf16 ? launch_tc<__nv_bfloat16, 64>(p, blocks, stream)
-           : launch_tc<__half, 64>(p, blocks, stream);
-    } else {
-      bf16 ? launch_tc<__nv_bfloat16, 128>(p, blocks, stream)
-           : launch_tc<__half, 128>(p, blocks, stream);
-    }
+    detail::with_tensor_core_config(q.dtype(), d, [&](auto t, auto dim) {
+      launch_tc<decltype(t), decltype(dim)::value>(p, blocks, stream);
+    });
     return;
   }
-  switch (q.dtype()) {
-    case DType::kBF16:
-      launch_generic<__nv_bfloat16>(p, blocks, stream);
-      break;
-    case DType::kF16:
-      launch_generic<__half>(p, blocks, stream);
-      break;
-    default:
-      launch_generic<float>(p, blocks, stream);
-      break;
-  }
+  detail::with_element_type(q.dtype(),
+                            [&](auto t) { launch_generic<decltype(t)>(p, blocks, stream); });
 }
 
 void sink_logits_backward(const BackwardState& st, const float* sink_logits, float* dsink,
@@ -978,20 +944,11 @@ void store_f32(const float* acc, const TensorView& out, cudaStream_t stream) {
   const Strides4 os{out.stride(0), out.stride(1), out.stride(2)};
   const unsigned blocks = row_blocks(rows);
   const int heads = static_cast<int>(out.size(2)), d = static_cast<int>(out.size(3));
-  switch (out.dtype()) {
-    case DType::kBF16:
-      store_kernel<<<blocks, kRowWarps * 32, 0, stream>>>(acc, out.data_as<__nv_bfloat16>(), os,
-                                                          out.size(1), heads, d, rows);
-      break;
-    case DType::kF16:
-      store_kernel<<<blocks, kRowWarps * 32, 0, stream>>>(acc, out.data_as<__half>(), os,
-                                                          out.size(1), heads, d, rows);
-      break;
-    default:
-      store_kernel<<<blocks, kRowWarps * 32, 0, stream>>>(acc, out.data_as<float>(), os,
-                                                          out.size(1), heads, d, rows);
-      break;
-  }
+  detail::with_element_type(out.dtype(), [&](auto t) {
+    using TOut = decltype(t);
+    store_kernel<<<blocks, kRowWarps * 32, 0, stream>>>(acc, out.data_as<TOut>(), os, out.size(1),
+                                                        heads, d, rows);
+  });
   RINGATTN_CUDA_CHECK(cudaGetLastError());
 }
 

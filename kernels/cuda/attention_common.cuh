@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/tile_classify.h"
 #include "ringattn/attention.h"
@@ -42,6 +43,41 @@ struct Elem<__half> {
   static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
   static __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 };
+
+// Calls fn(T{}) with T the CUDA element type of `dtype` (__nv_bfloat16, __half or float): the
+// one dtype switch of the launchers.
+template <typename Fn>
+void with_element_type(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kBF16:
+      fn(__nv_bfloat16{});
+      break;
+    case DType::kF16:
+      fn(__half{});
+      break;
+    default:
+      fn(float{});
+      break;
+  }
+}
+
+// Calls fn(T{}, std::integral_constant<int, D>{}) for the tensor-core kernels: bf16 or f16 and
+// D = 64 or 128 (the caller checked tensor_core_supported).
+template <typename Fn>
+void with_tensor_core_config(DType dtype, int64_t head_dim, Fn&& fn) {
+  auto by_dim = [&](auto t) {
+    if (head_dim == 64) {
+      fn(t, std::integral_constant<int, 64>{});
+    } else {
+      fn(t, std::integral_constant<int, 128>{});
+    }
+  };
+  if (dtype == DType::kBF16) {
+    by_dim(__nv_bfloat16{});
+  } else {
+    by_dim(__half{});
+  }
+}
 
 // Two f32 values packed into one 32-bit register of two 16-bit elements (low half = a), as the
 // mma fragments hold them.

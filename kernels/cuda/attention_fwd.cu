@@ -623,27 +623,13 @@ void fold_forward(const AttentionSpec& spec, const TensorView& q, const int64_t*
   detail::tile_bounds(k_pos, k_len, kTile, bounds + 2 * q_tiles, stream);
 
   if (use_tc) {
-    const bool bf16 = q.dtype() == DType::kBF16;
-    if (d == 64) {
-      bf16 ? launch_tc<__nv_bfloat16, 64>(p, batch, q_tiles, stream)
-           : launch_tc<__half, 64>(p, batch, q_tiles, stream);
-    } else {
-      bf16 ? launch_tc<__nv_bfloat16, 128>(p, batch, q_tiles, stream)
-           : launch_tc<__half, 128>(p, batch, q_tiles, stream);
-    }
+    detail::with_tensor_core_config(q.dtype(), d, [&](auto t, auto dim) {
+      launch_tc<decltype(t), decltype(dim)::value>(p, batch, q_tiles, stream);
+    });
     return;
   }
-  switch (q.dtype()) {
-    case DType::kBF16:
-      launch_generic<__nv_bfloat16>(p, batch, stream);
-      break;
-    case DType::kF16:
-      launch_generic<__half>(p, batch, stream);
-      break;
-    default:
-      launch_generic<float>(p, batch, stream);
-      break;
-  }
+  detail::with_element_type(q.dtype(),
+                            [&](auto t) { launch_generic<decltype(t)>(p, batch, stream); });
 }
 
 void finalize_forward(const ForwardState& st, const float* sink_logits, const TensorView& o,
@@ -654,17 +640,8 @@ void finalize_forward(const ForwardState& st, const float* sink_logits, const Te
                  "o must be [", st.batch, ", ", st.q_len, ", ", st.heads, ", ", st.head_dim,
                  "], got ", o.describe());
   if (st.batch * st.q_len * st.heads == 0) return;
-  switch (o.dtype()) {
-    case DType::kBF16:
-      launch_finalize<__nv_bfloat16>(st, sink_logits, o, lse, stream);
-      break;
-    case DType::kF16:
-      launch_finalize<__half>(st, sink_logits, o, lse, stream);
-      break;
-    default:
-      launch_finalize<float>(st, sink_logits, o, lse, stream);
-      break;
-  }
+  detail::with_element_type(
+      o.dtype(), [&](auto t) { launch_finalize<decltype(t)>(st, sink_logits, o, lse, stream); });
 }
 
 }  // namespace ringattn::cuda

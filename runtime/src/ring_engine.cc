@@ -161,13 +161,8 @@ class CudaEngine final : public RingEngine {
     const int64_t rows = batch * heads * q_len;
     ml_.resize(static_cast<size_t>(2 * rows) * sizeof(float));
     acc_.resize(static_cast<size_t>(rows * head_dim) * sizeof(float));
-    st_.m = ml_.as<float>();
-    st_.l = ml_.as<float>() + rows;
-    st_.acc = acc_.as<float>();
-    st_.batch = batch;
-    st_.q_len = q_len;
-    st_.heads = heads;
-    st_.head_dim = head_dim;
+    st_ = cuda::ForwardState{
+        ml_.as<float>(), ml_.as<float>() + rows, acc_.as<float>(), batch, q_len, heads, head_dim};
     cuda::reset_state(st_, stream_.get());
   }
   cpu::FoldStats fold(const AttentionSpec& spec, const TensorView& q, const TensorView& k,
@@ -199,13 +194,8 @@ class CudaEngine final : public RingEngine {
     const int64_t rows = batch * heads * q_len;
     ml_.resize(static_cast<size_t>(rows) * sizeof(float));
     acc_.resize(static_cast<size_t>(rows * d) * sizeof(float));
-    bst_.lse = lse.data_as<const float>();
-    bst_.delta = ml_.as<float>();
-    bst_.dq = acc_.as<float>();
-    bst_.batch = batch;
-    bst_.q_len = q_len;
-    bst_.heads = heads;
-    bst_.head_dim = d;
+    bst_ = cuda::BackwardState{
+        lse.data_as<const float>(), ml_.as<float>(), acc_.as<float>(), batch, q_len, heads, d};
     cuda::backward_begin(o, dout, bst_, stream_.get());
   }
   cpu::FoldStats fold_backward(const AttentionSpec& spec, const TensorView& q, const TensorView& k,

@@ -157,14 +157,7 @@ Result run_cuda(const Problem& p, const Inputs& in, KernelChoice choice) {
   // The state's arrays in buffers of their own (each aligned as cudaMalloc aligns).
   DeviceBuffer st_m(static_cast<size_t>(B * H * Nq) * 4), st_l(st_m.size()),
       st_acc(static_cast<size_t>(B * Nq * H * D) * 4);
-  ForwardState st;
-  st.m = st_m.as<float>();
-  st.l = st_l.as<float>();
-  st.acc = st_acc.as<float>();
-  st.batch = B;
-  st.q_len = Nq;
-  st.heads = H;
-  st.head_dim = D;
+  const ForwardState st{st_m.as<float>(), st_l.as<float>(), st_acc.as<float>(), B, Nq, H, D};
 
   // Poison: all-ones bytes are NaN in f32, bf16 and f16.
   const size_t o_bytes = static_cast<size_t>(B * Nq * H * D) * dtype_size(p.o_dtype);
