@@ -114,11 +114,8 @@ int attend_main(MpiSession& session, int argc, char** argv) {
       RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, !vm.count("decode-from"),
                           "--dout (the backward) cannot be combined with --decode-from");
     }
-    backend = select_backend(parse_backend(a.backend), rank == 0);
-    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported,
-                        backend == Backend::kCpu || !vm.count("decode-from"),
-                        "--decode-from runs on the CPU backend only in this version (use "
-                        "--backend cpu)");
+    backend = select_backend(parse_backend(a.backend), rank == 0,
+                             vm.count("decode-from") ? "--decode-from (the KV cache)" : nullptr);
     dtype = parse_dtype(a.dtype);
     spec.causal = a.causal;
     spec.window = a.window;

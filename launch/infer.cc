@@ -97,10 +97,9 @@ int infer_main(MpiSession& session, int argc, char** argv) {
     p = a.problem.resolve();
     RINGATTN_CHECK(a.layers > 0, "--layers must be > 0, got ", a.layers);
     check_virtual_ranks(a.virtual_ranks, mpi.size());
-    backend = select_backend(parse_backend(a.backend), mpi.rank() == 0);
-    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, backend == Backend::kCpu || a.decode_tokens == 0,
-                        "--decode-tokens and --stream-tokens run on the CPU backend only in this "
-                        "version (use --backend cpu)");
+    backend = select_backend(
+        parse_backend(a.backend), mpi.rank() == 0,
+        a.decode_tokens > 0 ? "decoding (--decode-tokens, --stream-tokens)" : nullptr);
     check_sharding(p.seq_len, a.virtual_ranks > 0 ? a.virtual_ranks : mpi.size(), p.layout,
                    p.spec.sinks);
   });

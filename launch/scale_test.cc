@@ -218,13 +218,9 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
     RINGATTN_CHECK(a.decode_tokens >= 0, "--decode-tokens must be >= 0, got ", a.decode_tokens);
     RINGATTN_CHECK(a.threads >= 0, "--threads must be >= 0, got ", a.threads);
     check_virtual_ranks(a.virtual_ranks, mpi.size());
-    backend = select_backend(parse_backend(a.backend), mpi.rank() == 0);
-    for (PlanMode m : modes) {
-      RINGATTN_CHECK_CODE(ErrorCode::kUnsupported,
-                          backend == Backend::kCpu || m != PlanMode::kInfer,
-                          "--modes infer (the KV cache) runs on the CPU backend only in this "
-                          "version (use --backend cpu)");
-    }
+    const bool infer_mode = std::find(modes.begin(), modes.end(), PlanMode::kInfer) != modes.end();
+    backend = select_backend(parse_backend(a.backend), mpi.rank() == 0,
+                             infer_mode ? "--modes infer (the KV cache)" : nullptr);
     const int ranks = a.virtual_ranks > 0 ? a.virtual_ranks : mpi.size();
     for (int64_t n : lens) check_sharding(n, ranks, base.layout, base.spec.sinks);
   });

@@ -38,8 +38,18 @@ int cuda_devices() {
 #endif
 }
 
-Backend select_backend(Backend requested, bool print_notice) {
+Backend select_backend(Backend requested, bool print_notice, const char* cpu_only) {
   if (requested == Backend::kCpu) return Backend::kCpu;
+  if (cpu_only != nullptr) {
+    RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, requested != Backend::kCuda,
+                        "--backend cuda: ", cpu_only,
+                        " runs on the CPU backend only in this version (use --backend "
+                        "cpu)");
+    if (print_notice && cuda_devices() > 0) {
+      std::fprintf(stderr, "ringattn: %s runs on the CPU only; using the CPU backend\n", cpu_only);
+    }
+    return Backend::kCpu;
+  }
   const int devices = cuda_devices();
   if (requested == Backend::kCuda) {
     RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, RINGATTN_WITH_CUDA,
