@@ -114,8 +114,7 @@ int attend_main(MpiSession& session, int argc, char** argv) {
       RINGATTN_CHECK_CODE(ErrorCode::kUnsupported, !vm.count("decode-from"),
                           "--dout (the backward) cannot be combined with --decode-from");
     }
-    backend = select_backend(parse_backend(a.backend), rank == 0,
-                             vm.count("decode-from") ? "--decode-from (the KV cache)" : nullptr);
+    backend = select_backend(parse_backend(a.backend), rank == 0);
     dtype = parse_dtype(a.dtype);
     spec.causal = a.causal;
     spec.window = a.window;
@@ -217,6 +216,21 @@ int attend_main(MpiSession& session, int argc, char** argv) {
   auto to_host = [&](const TensorView& dev, const TensorView& host) {
     if (device != Device::kCPU) copy_bytes(host.data(), dev.data(), host.nbytes(), device);
   };
+  // The forward's tensors where the backend computes (the host views themselves on the CPU).
+  struct Mirrored {
+    TensorView q, k, v, o, lse, z;
+    bool has_z;
+    const TensorView* z_ptr() const { return has_z ? &z : nullptr; }
+  };
+  auto mirror = [&] {
+    return Mirrored{on_device(q, {batch, n, heads, head_dim}),
+                    on_device(k, {batch, n, kv_heads, head_dim}),
+                    on_device(v, {batch, n, kv_heads, head_dim}),
+                    on_device(o, {batch, n, heads, head_dim}),
+                    on_device(lse, {batch, heads, n}),
+                    z.empty() ? zt : on_device(zt, {heads}),
+                    !z.empty()};
+  };
   auto run_backward = [&](Communicator& rc, const TensorView& qx, const TensorView& kx,
                           const TensorView& vx, const TensorView& ox, const TensorView& lsex,
                           const TensorView* zx) {
@@ -257,25 +271,32 @@ int attend_main(MpiSession& session, int argc, char** argv) {
   std::optional<DecodeFromResult> decoded;
   if (a.decode_from < 0) {
     run_on_ranks(comm, backend, 0, [&](Communicator& rc) {
-      const TensorView qx = on_device(q, {batch, n, heads, head_dim});
-      const TensorView kx = on_device(k, {batch, n, kv_heads, head_dim});
-      const TensorView vx = on_device(v, {batch, n, kv_heads, head_dim});
-      const TensorView ox = on_device(o, {batch, n, heads, head_dim});
-      const TensorView lsex = on_device(lse, {batch, heads, n});
-      const TensorView zx = z.empty() ? zt : on_device(zt, {heads});
-      st = forward(rc, spec, seq_len, qx, kx, vx, z.empty() ? nullptr : &zx, ox, &lsex, options);
-      to_host(ox, o);
-      to_host(lsex, lse);
+      const Mirrored x = mirror();
+      st = forward(rc, spec, seq_len, x.q, x.k, x.v, x.z_ptr(), x.o, &x.lse, options);
+      to_host(x.o, o);
+      to_host(x.lse, lse);
       if (a.dout.empty()) return;
       // The backward (--dout): gradients in f32, whatever the compute dtype.
-      run_backward(rc, qx, kx, vx, ox, lsex, z.empty() ? nullptr : &zx);
+      run_backward(rc, x.q, x.k, x.v, x.o, x.lse, x.z_ptr());
     });
   } else {
     const std::string paths[3] = {a.q, a.k, a.v};
     const npy::Header headers[3] = {hq, hk, hv};
-    decoded =
-        run_decode_from(comm, spec, a.decode_from, seq_len, q, k, v, z.empty() ? nullptr : &zt, o,
-                        lse, paths, headers, options.num_threads);
+    if (device == Device::kCPU) {
+      decoded =
+          run_decode_from(comm, spec, a.decode_from, seq_len, q, k, v, z.empty() ? nullptr : &zt, o,
+                          lse, paths, headers, options.num_threads);
+    } else {
+      // The KV cache on the GPU: the prefill's tensors get device copies (outputs copied back);
+      // run_decode_from copies the decode tokens up itself.
+      run_on_ranks(comm, backend, 0, [&](Communicator& rc) {
+        const Mirrored x = mirror();
+        decoded = run_decode_from(rc, spec, a.decode_from, seq_len, x.q, x.k, x.v, x.z_ptr(), x.o,
+                                  x.lse, paths, headers, options.num_threads);
+        to_host(x.o, o);
+        to_host(x.lse, lse);
+      });
+    }
     st = decoded->prefill;
   }
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "launch/ranks.h"
 #include "launch/sharded_io.h"
 #include "ringattn/kv_cache.h"
 
@@ -43,6 +44,7 @@ DecodeFromResult run_decode_from(Communicator& comm, const AttentionSpec& spec, 
   cfg.max_len = seq_len;
   cfg.max_step_tokens = 1;
   cfg.num_threads = num_threads;
+  cfg.device = q.device();  // the prefill's tensors' device: the cache lives there too
   KVCache cache(comm, cfg);
   RingOptions options;
   options.num_threads = num_threads;
@@ -65,19 +67,36 @@ DecodeFromResult run_decode_from(Communicator& comm, const AttentionSpec& spec, 
   convert(qd.data(), DType::kF32, qs.data(), dtype, static_cast<int64_t>(qd.size()));
   convert(kd.data(), DType::kF32, ks.data(), dtype, static_cast<int64_t>(kd.size()));
   convert(vd.data(), DType::kF32, vs.data(), dtype, static_cast<int64_t>(vd.size()));
-  const TensorView tq(qs.data(), dtype, {B, n_dec, H, D});
-  const TensorView tk(ks.data(), dtype, {B, n_dec, Hkv, D});
-  const TensorView tv(vs.data(), dtype, {B, n_dec, Hkv, D});
+  // On the device of the cache (copies for a CUDA cache; the host buffers themselves on the
+  // CPU), and so are the per-step outputs, copied back after every step.
+  const Device dev = cfg.device;
+  const bool on_host = dev == Device::kCPU;
+  const int64_t nd = on_host ? 0 : n_dec, one = on_host ? 0 : 1;  // nothing extra on the CPU
+  TensorBuffer qb(dev, dtype, {B, nd, H, D}), kb(dev, dtype, {B, nd, Hkv, D}),
+      vb(dev, dtype, {B, nd, Hkv, D});
+  TensorBuffer ob(dev, DType::kF32, {B, one, H, D}), lb(dev, DType::kF32, {B, H, one});
+  if (!on_host) {
+    qb.upload(qs.data());
+    kb.upload(ks.data());
+    vb.upload(vs.data());
+  }
+  const TensorView tq = on_host ? TensorView(qs.data(), dtype, {B, n_dec, H, D}) : qb.view();
+  const TensorView tk = on_host ? TensorView(ks.data(), dtype, {B, n_dec, Hkv, D}) : kb.view();
+  const TensorView tv = on_host ? TensorView(vs.data(), dtype, {B, n_dec, Hkv, D}) : vb.view();
 
   r.o.assign(static_cast<size_t>(B * n_dec * H * D), 0.0f);
   r.lse.assign(static_cast<size_t>(B * H * n_dec), 0.0f);
   std::vector<float> o_step(static_cast<size_t>(B * H * D)), lse_step(static_cast<size_t>(B * H));
-  const TensorView to(o_step.data(), DType::kF32, {B, 1, H, D});
-  const TensorView tl(lse_step.data(), DType::kF32, {B, H, 1});
+  const TensorView to = on_host ? TensorView(o_step.data(), DType::kF32, {B, 1, H, D}) : ob.view();
+  const TensorView tl = on_host ? TensorView(lse_step.data(), DType::kF32, {B, H, 1}) : lb.view();
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t t = 0; t < n_dec; ++t) {
     cache.decode(tq.slice(1, t, t + 1), tk.slice(1, t, t + 1), tv.slice(1, t, t + 1), sink_logits,
                  to, &tl);
+    if (!on_host) {
+      ob.download(o_step.data());
+      lb.download(lse_step.data());
+    }
     for (int64_t b = 0; b < B; ++b) {
       std::copy_n(&o_step[static_cast<size_t>(b * H * D)], H * D,
                   &r.o[static_cast<size_t>((b * n_dec + t) * H * D)]);

@@ -97,9 +97,7 @@ int infer_main(MpiSession& session, int argc, char** argv) {
     p = a.problem.resolve();
     RINGATTN_CHECK(a.layers > 0, "--layers must be > 0, got ", a.layers);
     check_virtual_ranks(a.virtual_ranks, mpi.size());
-    backend = select_backend(
-        parse_backend(a.backend), mpi.rank() == 0,
-        a.decode_tokens > 0 ? "decoding (--decode-tokens, --stream-tokens)" : nullptr);
+    backend = select_backend(parse_backend(a.backend), mpi.rank() == 0);
     check_sharding(p.seq_len, a.virtual_ranks > 0 ? a.virtual_ranks : mpi.size(), p.layout,
                    p.spec.sinks);
   });
@@ -162,6 +160,7 @@ void infer_rank(Communicator& comm, InferArgs& a_shared, const po::variables_map
     ds.cache.max_len = seq_len + a.decode_tokens;
     ds.cache.max_step_tokens = 1;
     ds.cache.num_threads = options.num_threads;
+    ds.cache.device = device;
     ds.layers = a.layers;
     ds.tokens = a.decode_tokens;
     ds.streaming = vm.count("stream-tokens") > 0;

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "launch/ranks.h"
 #include "ringattn/memory.h"
 
 namespace ringattn::launch {
@@ -54,15 +55,36 @@ void InferDecode::run() {
       kb(static_cast<size_t>(B * Hkv * D) * es);
   std::vector<char> vb(kb.size()), ob(qb.size());
   std::vector<float> lseb(static_cast<size_t>(B * H));
-  const TensorView q(qb.data(), c.dtype, {B, 1, H, D}), o(ob.data(), c.dtype, {B, 1, H, D});
-  const TensorView k(kb.data(), c.dtype, {B, 1, Hkv, D}), v(vb.data(), c.dtype, {B, 1, Hkv, D});
-  const TensorView lse(lseb.data(), DType::kF32, {B, H, 1});
+  TensorView q(qb.data(), c.dtype, {B, 1, H, D}), o(ob.data(), c.dtype, {B, 1, H, D});
+  TensorView k(kb.data(), c.dtype, {B, 1, Hkv, D}), v(vb.data(), c.dtype, {B, 1, Hkv, D});
+  TensorView lse(lseb.data(), DType::kF32, {B, H, 1});
+  // A CUDA cache decodes device tensors: the synthetic tokens are generated on the host and
+  // copied up, o comes back for the checksum. Memory is the accounted bytes of that device.
+  const bool on_device = c.device != Device::kCPU;
+  std::unique_ptr<TensorBuffer> qd, kd, vd, od, ld;
+  if (on_device) {
+    qd = std::make_unique<TensorBuffer>(c.device, c.dtype,
+                                        std::initializer_list<int64_t>{B, 1, H, D});
+    kd = std::make_unique<TensorBuffer>(c.device, c.dtype,
+                                        std::initializer_list<int64_t>{B, 1, Hkv, D});
+    vd = std::make_unique<TensorBuffer>(c.device, c.dtype,
+                                        std::initializer_list<int64_t>{B, 1, Hkv, D});
+    od = std::make_unique<TensorBuffer>(c.device, c.dtype,
+                                        std::initializer_list<int64_t>{B, 1, H, D});
+    ld = std::make_unique<TensorBuffer>(c.device, DType::kF32,
+                                        std::initializer_list<int64_t>{B, H, 1});
+    q = qd->view();
+    k = kd->view();
+    v = vd->view();
+    o = od->view();
+    lse = ld->view();
+  }
   const bool rank0 = comm_.rank() == 0;
 
   comm_.barrier();
-  mem_start_ = mem_min_ = mem_max_ = memory_stats().current_bytes;
+  mem_start_ = mem_min_ = mem_max_ = memory_stats(c.device).current_bytes;
   rss_start_ = current_rss_bytes();
-  reset_memory_peak();
+  reset_memory_peak(c.device);
   Progress progress("decode", setup_.tokens, rank0 && !setup_.streaming);
   const double t0 = now_seconds();
   for (int64_t i = 0; i < setup_.tokens; ++i) {
@@ -74,6 +96,11 @@ void InferDecode::run() {
       fill_synthetic(token, B, H, D, setup_.seed, layer, 0, c.dtype, qb.data());
       fill_synthetic(token, B, Hkv, D, setup_.seed, layer, 1, c.dtype, kb.data());
       fill_synthetic(token, B, Hkv, D, setup_.seed, layer, 2, c.dtype, vb.data());
+      if (on_device) {
+        qd->upload(qb.data());
+        kd->upload(kb.data());
+        vd->upload(vb.data());
+      }
       const double s0 = now_seconds();
       const DecodeStats st = caches_[static_cast<size_t>(layer)]->decode(q, k, v, nullptr, o, &lse);
       token_s += now_seconds() - s0;
@@ -81,11 +108,12 @@ void InferDecode::run() {
       merge_s_ += st.merge_s;
     }
     latency_.add(token_s);
+    if (on_device) od->download(ob.data());
     for (int64_t x = 0; x < o.numel(); ++x) checksum_ += load_as_float(ob.data(), c.dtype, x);
     const bool report = setup_.report_every > 0 && ((i + 1) % setup_.report_every == 0);
     if (report) {
       // The largest figures over ranks: one small collective every report_every tokens.
-      const int64_t now = memory_stats().current_bytes;
+      const int64_t now = memory_stats(c.device).current_bytes;
       mem_min_ = std::min(mem_min_, now);
       mem_max_ = std::max(mem_max_, now);
       int64_t m[2] = {now, current_rss_bytes()};
@@ -107,8 +135,8 @@ void InferDecode::run() {
   comm_.barrier();
   wall_s_ = now_seconds() - t0;
   progress.finish();
-  mem_end_ = memory_stats().current_bytes;
-  mem_peak_ = memory_stats().peak_bytes;
+  mem_end_ = memory_stats(c.device).current_bytes;
+  mem_peak_ = memory_stats(c.device).peak_bytes;
   mem_min_ = std::min(mem_min_, mem_end_);
   mem_max_ = std::max(mem_max_, mem_end_);
   rss_end_ = current_rss_bytes();

@@ -3,7 +3,7 @@
 /// prefill, then `--decode-tokens T` (after a prefill) or `--stream-tokens N` (streaming mode,
 /// constant memory) synthetic tokens decoded one at a time through every layer. Reports
 /// per-token latency (p50/p99), tokens/s, and memory per rank at the start and the end of
-/// decoding (accounted bytes from memory_stats and the resident set).
+/// decoding (accounted bytes from memory_stats of the cache's device, and the resident set).
 
 #include <cstdint>
 #include <memory>

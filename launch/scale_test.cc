@@ -116,7 +116,7 @@ std::vector<double> run_one(Communicator& comm, const ScaleArgs& a, const Proble
     if (mode == PlanMode::kInfer) {
       // The cache is allocated before the prefill, as the plan counts it; then it decodes
       // --decode-tokens tokens (their one-token inputs are the caller's, and tiny: plain
-      // vectors, outside the accounting).
+      // vectors on the CPU, outside the accounting; token 0 of q, k, v, o on the GPU).
       KVCacheConfig c;
       c.spec = p.spec;
       c.batch = B;
@@ -127,15 +127,34 @@ std::vector<double> run_one(Communicator& comm, const ScaleArgs& a, const Proble
       c.prefill_len = p.seq_len;
       c.max_len = p.seq_len + a.decode_tokens;
       c.num_threads = threads;
+      c.device = device;
       KVCache cache(comm, c);
       cache.prefill(q, k, v, nullptr, o, &lse, options);
       const Shard one{{PosRange{0, 1}}};
       std::vector<char> qn(static_cast<size_t>(B * H * D) * es), on(qn.size());
       std::vector<char> kn(static_cast<size_t>(B * Hkv * D) * es), vn(kn.size());
+      // On the GPU the new token goes into token 0 of the (already prefilled, already cached)
+      // q, k, v tensors and o's token 0 takes the output, so decode allocates nothing outside
+      // the plan.
+      auto to_token0 = [&](const TensorView& t, const std::vector<char>& host) {
+        const size_t row = static_cast<size_t>(t.size(2) * t.size(3)) * es;
+        for (int64_t b = 0; b < B; ++b) {
+          copy_bytes(static_cast<char*>(t.data()) + static_cast<size_t>(b * t.stride(0)) * es,
+                     host.data() + static_cast<size_t>(b) * row, row, device);
+        }
+      };
       for (int64_t t = 0; t < a.decode_tokens; ++t) {
         fill_synthetic(one, B, H, D, a.seed, static_cast<int>(t) + 1, 0, p.dtype, qn.data());
         fill_synthetic(one, B, Hkv, D, a.seed, static_cast<int>(t) + 1, 1, p.dtype, kn.data());
         fill_synthetic(one, B, Hkv, D, a.seed, static_cast<int>(t) + 1, 2, p.dtype, vn.data());
+        if (device != Device::kCPU) {
+          to_token0(q, qn);
+          to_token0(k, kn);
+          to_token0(v, vn);
+          cache.decode(q.slice(1, 0, 1), k.slice(1, 0, 1), v.slice(1, 0, 1), nullptr,
+                       o.slice(1, 0, 1), nullptr);
+          continue;
+        }
         cache.decode(TensorView(qn.data(), p.dtype, {B, 1, H, D}),
                      TensorView(kn.data(), p.dtype, {B, 1, Hkv, D}),
                      TensorView(vn.data(), p.dtype, {B, 1, Hkv, D}), nullptr,
@@ -218,9 +237,7 @@ int scale_test_main(MpiSession& session, int argc, char** argv) {
     RINGATTN_CHECK(a.decode_tokens >= 0, "--decode-tokens must be >= 0, got ", a.decode_tokens);
     RINGATTN_CHECK(a.threads >= 0, "--threads must be >= 0, got ", a.threads);
     check_virtual_ranks(a.virtual_ranks, mpi.size());
-    const bool infer_mode = std::find(modes.begin(), modes.end(), PlanMode::kInfer) != modes.end();
-    backend = select_backend(parse_backend(a.backend), mpi.rank() == 0,
-                             infer_mode ? "--modes infer (the KV cache)" : nullptr);
+    backend = select_backend(parse_backend(a.backend), mpi.rank() == 0);
     const int ranks = a.virtual_ranks > 0 ? a.virtual_ranks : mpi.size();
     for (int64_t n : lens) check_sharding(n, ranks, base.layout, base.spec.sinks);
   });

@@ -432,11 +432,13 @@ if wanted infer; then
   if ((!have_cli)); then
     record infer_causal_1M skipped 0 "ringattn not built"
     record infer_window_1M skipped 0 "ringattn not built"
+    record infer_decode_64k skipped 0 "ringattn not built"
     other_failed=1
   elif ((${#missing_flags[@]})); then
     say "=== infer: SKIPPED (this build's 'ringattn infer' has no ${missing_flags[*]})"
     record infer_causal_1M skipped 0 "infer has no ${missing_flags[*]}"
     record infer_window_1M skipped 0 "infer has no ${missing_flags[*]}"
+    record infer_decode_64k skipped 0 "infer has no ${missing_flags[*]}"
     other_failed=1
   else
     # infer's defaults are --window 4096 --sinks 4: the full causal run sets both to 0.
@@ -444,6 +446,11 @@ if wanted infer; then
       --sinks 0 --json "$work/infer_causal_1M.json" || other_failed=1
     run_phase infer_window_1M 120 20 with_deps "$bin" infer "${infer_args[@]}" --window 4096 \
       --sinks 4 --json "$work/infer_window_1M.json" || other_failed=1
+    # The KV cache on the GPU: a 64k prefill on 4 virtual ranks, then 32 decoded tokens.
+    run_phase infer_decode_64k 60 15 with_deps "$bin" infer --backend cuda --virtual-ranks 4 \
+      --seq-len 64k --heads 8 --kv-heads 2 --head-dim 128 --dtype bf16 "${causal_flag[@]}" \
+      --layers 1 --window 0 --sinks 4 --decode-tokens 32 \
+      --json "$work/infer_decode_64k.json" || other_failed=1
   fi
 fi
 
@@ -490,7 +497,7 @@ gpu_name = open(os.path.join(work, "gpu_name")).read().strip() if os.path.exists
     os.path.join(work, "gpu_name")) else ""
 ours = load("bench_gpu.json")
 sdpa = load("sdpa.json")
-infer = {k: load(f"infer_{k}.json") for k in ("causal_1M", "window_1M")}
+infer = {k: load(f"infer_{k}.json") for k in ("causal_1M", "window_1M", "decode_64k")}
 
 def key(r):
     return (int(r["seq_len"]), bool(r["causal"]))
@@ -574,7 +581,8 @@ for r in table:
 md += ["", f"**Bar** ({bar['criterion']}): **{bar['verdict']}**"
        + (f" — ours {bar['ours_tflops']:.1f} vs flash {bar['flash_tflops']:.1f} TFLOP/s "
           f"= {bar['ratio']:.2f}" if bar.get("ratio") is not None else f" — {bar.get('why')}")]
-md += ["", "Ring prefill, 1 GPU, 8 virtual ranks, 1M tokens, H=8, D=128, bf16:", "",
+md += ["", "Ring prefill, 1 GPU, 8 virtual ranks, 1M tokens, H=8, D=128, bf16 (decode_64k: 4 "
+       "virtual ranks, 64k prefill + 32 decoded tokens through the KV cache, H=8, H_kv=2):", "",
        "| run | backend | time s | tokens/s | TFLOP/s | ring steps |", "|---|---|---|---|---|---|"]
 for k, j in infer.items():
     if j:

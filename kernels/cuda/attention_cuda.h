@@ -60,6 +60,17 @@ struct ForwardState {
 /// Empties the state: m = -inf, l = 0, acc = 0.
 void reset_state(const ForwardState& st, cudaStream_t stream);
 
+/// The decode merge (the KV cache): with mx [B, H, Nq] the maxima of st.m over every rank (a
+/// MAX allreduce), writes sums = l * exp(m - mx) ([B, H, Nq]) and acc_out = acc * exp(m - mx)
+/// ([B, Nq, H, D]); a row with m = -inf (nothing visible on this rank) contributes 0. The
+/// arithmetic of the CPU merge (kernels/softmax_state.h rescale_factor). Device pointers.
+void rescale_state(const ForwardState& st, const float* mx, float* sums, float* acc_out,
+                   cudaStream_t stream);
+
+/// Grows the calling thread's tile-bounds scratch (see fold_scratch_bytes) to what a forward
+/// fold of q_len queries over k_len keys needs, so such folds allocate nothing later.
+void reserve_fold_scratch(int64_t q_len, int64_t k_len);
+
 /// Tile counts of a fold, computed on the host from the positions' bounds per tile exactly as
 /// the kernel decides (host copies of the positions).
 struct TileCount {

@@ -506,6 +506,10 @@ bool tensor_core_supported(DType dtype, int64_t head_dim) {
   return (dtype == DType::kBF16 || dtype == DType::kF16) && (head_dim == 64 || head_dim == 128);
 }
 
+void reserve_fold_scratch(int64_t q_len, int64_t k_len) {
+  detail::bounds_scratch(2 * ((q_len + kTile - 1) / kTile + (k_len + kTile - 1) / kTile));
+}
+
 void reset_state(const ForwardState& st, cudaStream_t stream) {
   const int64_t rows = st.batch * st.heads * st.q_len;
   if (rows > 0) {

@@ -9,6 +9,7 @@
 #include "ringattn/kv_cache.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -150,6 +151,15 @@ KVCache::KVCache(Communicator& comm, const KVCacheConfig& config)
   const size_t T = static_cast<size_t>(config_.max_step_tokens);
   const size_t rows = streaming() ? static_cast<size_t>(world_) : 1;
   const size_t R = B * static_cast<size_t>(config_.heads) * T;
+  RINGATTN_CHECK(config_.device == Device::kCPU || config_.device == Device::kCUDA,
+                 "KV cache: device must be cpu or cuda, got ", device_name(config_.device));
+  RINGATTN_CHECK(config_.device == Device::kCPU || comm_.accepts(config_.device), "KV cache: the ",
+                 comm_.name(), " communicator does not accept ", device_name(config_.device),
+                 " buffers (a CUDA cache needs NCCL or an in-process world of device buffers)");
+  k_ = detail::ByteBuffer(config_.device);
+  v_ = detail::ByteBuffer(config_.device);
+  sink_k_ = detail::ByteBuffer(config_.device);
+  sink_v_ = detail::ByteBuffer(config_.device);
   // Everything is allocated here, once: decode must not allocate (constant memory).
   k_.resize(B * static_cast<size_t>(capacity_) * row_bytes_);
   v_.resize(k_.size());
@@ -160,6 +170,17 @@ KVCache::KVCache(Communicator& comm, const KVCacheConfig& config)
   sink_v_.resize(sink_k_.size());
   sink_pos_.resize(S);
   for (size_t j = 0; j < S; ++j) sink_pos_[j] = static_cast<int64_t>(j);
+  if (on_cuda()) {
+    // The softmax state, merge buffer and device positions live in the engine; the grouped
+    // one-token GQA fold is a CPU-only optimisation (the CUDA kernels fold the plain q).
+    engine_ = detail::make_engine(Device::kCUDA, config_.num_threads);
+    engine_->reserve_decode(config_.batch, config_.max_step_tokens, config_.heads, config_.head_dim,
+                            std::max<int64_t>(capacity_, config_.spec.sinks));
+    q_pos_.resize(T);
+    owner_.resize(T);
+    plan_.resize(static_cast<size_t>(world_));
+    return;
+  }
   state_.reset(config_.batch, config_.max_step_tokens, config_.heads, config_.head_dim);
   merge_.resize(R * (2 + static_cast<size_t>(config_.head_dim)));
   const size_t G = static_cast<size_t>(config_.heads / config_.kv_heads);
@@ -179,6 +200,12 @@ size_t KVCache::bytes_for(const KVCacheConfig& c, int world) {
   const size_t rows = c.spec.window > 0 ? static_cast<size_t>(world) : 1;
   const size_t R = B * static_cast<size_t>(c.heads) * T, D = static_cast<size_t>(c.head_dim);
   const size_t kv = 2 * B * capacity * row_bytes + 2 * B * S * row_bytes;
+  if (c.device == Device::kCUDA) {
+    // Device bytes only (see kv_cache.h): the storage and the engine's reserved buffers.
+    return kv + detail::decode_bytes_for(
+                    Device::kCUDA, c.batch, c.max_step_tokens, c.heads, c.head_dim,
+                    std::max<int64_t>(static_cast<int64_t>(capacity), c.spec.sinks));
+  }
   const size_t G = static_cast<size_t>(c.heads / c.kv_heads);
   const size_t books =
       (rows * capacity + rows + 2 * static_cast<size_t>(world) + S + T + std::max(T, G)) *
@@ -192,6 +219,9 @@ size_t KVCache::bytes_for(const KVCacheConfig& c, int world) {
 size_t KVCache::capacity_bytes() const { return bytes_for(config_, world_); }
 
 size_t KVCache::bytes() const {
+  if (on_cuda()) {
+    return k_.size() + v_.size() + sink_k_.size() + sink_v_.size() + engine_->decode_bytes();
+  }
   auto held = [](const auto& vec) { return vec.capacity() * sizeof(vec[0]); };
   // The softmax state was sized for max_step_tokens at construction; resetting it to fewer
   // rows (assign) keeps that allocation, so its size at construction is what it holds. The
@@ -199,8 +229,8 @@ size_t KVCache::bytes() const {
   const size_t R = static_cast<size_t>(config_.batch * config_.heads * config_.max_step_tokens);
   const size_t state = (2 * R + R * static_cast<size_t>(config_.head_dim)) * sizeof(float) +
                        group_state_.nbytes();  // always sized [B, G, H_kv, D]
-  return held(k_) + held(v_) + held(pos_) + held(heads_) + held(counts_) + held(sink_k_) +
-         held(sink_v_) + held(sink_pos_) + held(merge_) + held(q_pos_) + held(owner_) +
+  return k_.size() + v_.size() + held(pos_) + held(heads_) + held(counts_) + sink_k_.size() +
+         sink_v_.size() + held(sink_pos_) + held(merge_) + held(q_pos_) + held(owner_) +
          held(plan_) + state;
 }
 
@@ -241,6 +271,10 @@ void KVCache::check_prefill(const TensorView* q, const TensorView& k, const Tens
                    ", v ", v.describe());
     RINGATTN_CHECK(k.stride(3) == 1 && v.stride(3) == 1,
                    "KV cache: k and v need a contiguous innermost dimension");
+    RINGATTN_CHECK(k.device() == c.device && v.device() == c.device &&
+                       (q == nullptr || q->device() == c.device),
+                   "KV cache: prefill tensors must be on the cache's device (",
+                   device_name(c.device), "), got k ", k.describe(), ", v ", v.describe());
   });
   // The sizing parameters must agree too, or ranks would place tokens differently.
   const char* names[] = {"prefill_len", "max_len", "max_step_tokens", "capacity"};
@@ -273,8 +307,8 @@ void KVCache::keep_shard(const TensorView& k, const TensorView& v) {
     const int64_t begin = std::max(run.begin, lo);
     const int64_t n = std::max<int64_t>(0, run.end - begin);
     const int64_t first = local + (begin - run.begin);
-    copy_tokens(k, first, n, k_.data(), capacity_, row_bytes_, [&](int64_t i) { return kept + i; });
-    copy_tokens(v, first, n, v_.data(), capacity_, row_bytes_, [&](int64_t i) { return kept + i; });
+    put(k, first, n, k_, capacity_, kept);
+    put(v, first, n, v_, capacity_, kept);
     if (!streaming()) {
       for (int64_t i = 0; i < n; ++i) pos_[static_cast<size_t>(kept + i)] = begin + i;
     }
@@ -299,21 +333,30 @@ void KVCache::keep_shard(const TensorView& k, const TensorView& v) {
   // tokens 0..S-1 are the sinks.
   if (c.spec.sinks > 0) {
     if (rank_ == 0) {
-      copy_tokens(k, 0, c.spec.sinks, sink_k_.data(), c.spec.sinks, row_bytes_,
-                  [](int64_t i) { return i; });
-      copy_tokens(v, 0, c.spec.sinks, sink_v_.data(), c.spec.sinks, row_bytes_,
-                  [](int64_t i) { return i; });
+      put(k, 0, c.spec.sinks, sink_k_, c.spec.sinks, 0);
+      put(v, 0, c.spec.sinks, sink_v_, c.spec.sinks, 0);
     }
+    if (engine_) engine_->sync();  // the copies landed before the transport reads them
     comm_.broadcast(sink_k_.data(), sink_k_.size(), 0);
     comm_.broadcast(sink_v_.data(), sink_v_.size(), 0);
   }
+  if (engine_) engine_->sync();  // done with the caller's k and v
   length_ = c.prefill_len;
   prefilled_ = true;
 }
 
+void KVCache::put(const TensorView& src, int64_t first, int64_t n, detail::ByteBuffer& buf,
+                  int64_t cap, int64_t slot) {
+  if (engine_) {
+    engine_->store_tokens(src, first, first + n, buf.data(), cap, slot);
+    return;
+  }
+  copy_tokens(src, first, n, buf.data(), cap, row_bytes_, [&](int64_t i) { return slot + i; });
+}
+
 void KVCache::store_token(const TensorView& k_new, const TensorView& v_new, int64_t t, int64_t s) {
-  copy_tokens(k_new, t, 1, k_.data(), capacity_, row_bytes_, [&](int64_t) { return s; });
-  copy_tokens(v_new, t, 1, v_.data(), capacity_, row_bytes_, [&](int64_t) { return s; });
+  put(k_new, t, 1, k_, capacity_, s);
+  put(v_new, t, 1, v_, capacity_, s);
 }
 
 void KVCache::evict_before(int64_t next) {
@@ -351,8 +394,16 @@ DecodeStats KVCache::decode(const TensorView& q_new, const TensorView& k_new,
                    k_new.describe());
     RINGATTN_CHECK(q_new.dtype() == c.dtype, "KV cache: decode tensors must be ",
                    dtype_name(c.dtype), " (the cache dtype), got ", q_new.describe());
-    RINGATTN_CHECK(q_new.device() == Device::kCPU, "KV cache: decode needs host tensors, got ",
-                   device_name(q_new.device()));
+    RINGATTN_CHECK(q_new.device() == c.device && k_new.device() == c.device &&
+                       v_new.device() == c.device && o.device() == c.device,
+                   "KV cache: decode tensors must be on the cache's device (",
+                   device_name(c.device), "), got q_new ", q_new.describe(), ", k_new ",
+                   k_new.describe(), ", v_new ", v_new.describe(), ", o ", o.describe());
+    RINGATTN_CHECK((lse == nullptr || lse->data() == nullptr || lse->device() == c.device) &&
+                       (sink_logits == nullptr || sink_logits->data() == nullptr ||
+                        sink_logits->device() == c.device),
+                   "KV cache: lse and sink_logits must be on the cache's device (",
+                   device_name(c.device), ")");
     T = s.q_len;
     RINGATTN_CHECK(T == s.kv_len, "KV cache: q_new holds ", T, " tokens but k_new holds ",
                    s.kv_len);
@@ -394,6 +445,13 @@ DecodeStats KVCache::decode(const TensorView& q_new, const TensorView& k_new,
 
   // 3. Attend over this rank's tokens (and the sinks, on one rank only: the one now holding
   // the fewest tokens, which balances the work).
+  if (engine_) {
+    attend_cuda(q_new, sink_logits, o, lse, T, st);
+    length_ += T;
+    if (streaming()) evict_before(length_);
+    st.total_s = seconds_since(t_start);
+    return st;
+  }
   const Clock::time_point t_compute = Clock::now();
   // GQA with one new token: the G = H / H_kv query heads that share a kv head become G query
   // rows (at the same position) of that kv head, so every cached key is read once per kv head
@@ -424,11 +482,7 @@ DecodeStats KVCache::decode(const TensorView& q_new, const TensorView& k_new,
   const TensorView all_k(k_.data(), c.dtype, {c.batch, capacity_, c.kv_heads, c.head_dim});
   const TensorView all_v(v_.data(), c.dtype, {c.batch, capacity_, c.kv_heads, c.head_dim});
   const int64_t n_local = counts_[static_cast<size_t>(rank_)];
-  const int64_t head = heads_[static_cast<size_t>(own)];
-  // The live slots are [head, head + n) modulo capacity: at most two runs.
-  const int64_t first_run = std::min(n_local, capacity_ - head);
-  for (const auto& run : {std::pair<int64_t, int64_t>{head, head + first_run},
-                          std::pair<int64_t, int64_t>{0, n_local - first_run}}) {
+  for (const auto& run : live_runs()) {
     if (run.second <= run.first) continue;
     cpu::fold_block(c.spec, q_fold, q_pos_.data(), all_k.slice(1, run.first, run.second),
                     all_v.slice(1, run.first, run.second),
@@ -457,27 +511,7 @@ DecodeStats KVCache::decode(const TensorView& q_new, const TensorView& k_new,
   // l * exp(m - M) and acc * exp(m - M). A rank with nothing visible has m = -inf and adds 0.
   if (world_ > 1) {
     const Clock::time_point t_merge = Clock::now();
-    const int64_t H = c.heads, D = c.head_dim, R = c.batch * H * T;
-    float* mx = merge_.data();
-    float* sums = mx + R;
-    float* acc = sums + R;
-    std::copy(state_.m(), state_.m() + R, mx);
-    comm_.allreduce(mx, static_cast<size_t>(R), ReduceType::kF32, ReduceOp::kMax);
-    for (int64_t b = 0; b < c.batch; ++b) {
-      for (int64_t h = 0; h < H; ++h) {
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t row = (b * H + h) * T + t;  // m, l are [B, H, T]
-          const float f = rescale_factor(state_.m()[row], mx[row]);
-          sums[row] = state_.l()[row] * f;
-          const int64_t a = ((b * T + t) * H + h) * D;  // acc is [B, T, H, D]
-          for (int64_t x = 0; x < D; ++x) acc[a + x] = state_.acc()[a + x] * f;
-        }
-      }
-    }
-    comm_.allreduce(sums, static_cast<size_t>(R + R * D), ReduceType::kF32, ReduceOp::kSum);
-    std::copy(mx, mx + R, state_.m());
-    std::copy(sums, sums + R, state_.l());
-    std::copy(acc, acc + R * D, state_.acc());
+    detail::merge_state_cpu(comm_, state_, merge_.data());
     st.merge_s = seconds_since(t_merge);
   }
   // Learned sink logits join the denominator once, after the merge.
@@ -487,6 +521,53 @@ DecodeStats KVCache::decode(const TensorView& q_new, const TensorView& k_new,
   if (streaming()) evict_before(length_);
   st.total_s = seconds_since(t_start);
   return st;
+}
+
+std::array<std::pair<int64_t, int64_t>, 2> KVCache::live_runs() const {
+  const int64_t n_local = counts_[static_cast<size_t>(rank_)];
+  const int64_t head = heads_[static_cast<size_t>(own_row())];
+  // The live slots are [head, head + n) modulo capacity: at most two runs.
+  const int64_t first_run = std::min(n_local, capacity_ - head);
+  return {std::pair<int64_t, int64_t>{head, head + first_run},
+          std::pair<int64_t, int64_t>{0, n_local - first_run}};
+}
+
+void KVCache::attend_cuda(const TensorView& q_new, const TensorView* sink_logits,
+                          const TensorView& o, const TensorView* lse, int64_t T, DecodeStats& st) {
+  const KVCacheConfig& c = config_;
+  const Clock::time_point t_compute = Clock::now();
+  engine_->begin_forward(c.batch, T, c.heads, c.head_dim, q_pos_.data());
+  const int sink_rank =
+      static_cast<int>(std::min_element(counts_.begin(), counts_.end()) - counts_.begin());
+  if (c.spec.sinks > 0 && rank_ == sink_rank) {
+    const TensorView sk(sink_k_.data(), c.dtype, {c.batch, c.spec.sinks, c.kv_heads, c.head_dim},
+                        Device::kCUDA);
+    const TensorView sv(sink_v_.data(), c.dtype, {c.batch, c.spec.sinks, c.kv_heads, c.head_dim},
+                        Device::kCUDA);
+    engine_->fold(c.spec, q_new, sk, sv, sink_pos_.data());
+    st.keys += c.spec.sinks;
+  }
+  const TensorView all_k(k_.data(), c.dtype, {c.batch, capacity_, c.kv_heads, c.head_dim},
+                         Device::kCUDA);
+  const TensorView all_v(v_.data(), c.dtype, {c.batch, capacity_, c.kv_heads, c.head_dim},
+                         Device::kCUDA);
+  const int64_t own = own_row();
+  const int64_t n_local = counts_[static_cast<size_t>(rank_)];
+  for (const auto& run : live_runs()) {
+    if (run.second <= run.first) continue;
+    engine_->fold(c.spec, q_new, all_k.slice(1, run.first, run.second),
+                  all_v.slice(1, run.first, run.second), pos_.data() + own * capacity_ + run.first);
+  }
+  engine_->sync();
+  st.keys += n_local;
+  st.compute_s = seconds_since(t_compute);
+  if (world_ > 1) {
+    const Clock::time_point t_merge = Clock::now();
+    engine_->merge_state(comm_);
+    st.merge_s = seconds_since(t_merge);
+  }
+  // Learned sink logits join the denominator once, after the merge (blocking).
+  engine_->finalize(sink_logits, o, lse);
 }
 
 }  // namespace ringattn

@@ -143,7 +143,7 @@ BackwardRuntime plan_backward_runtime(const PlanInput& in, const RingPlan& plan,
 // The cache allocates everything in its constructor, before the prefill, and sizes it with
 // KVCache::bytes_for: the plan asks the same function (one token per decode step, as
 // `ringattn infer` and `attend --decode-from` decode).
-int64_t plan_cache(const PlanInput& in) {
+KVCacheConfig cache_config(const PlanInput& in) {
   KVCacheConfig c;
   c.spec = in.spec;
   c.batch = in.batch;
@@ -155,7 +155,20 @@ int64_t plan_cache(const PlanInput& in) {
   c.max_len = in.seq_len + in.decode_tokens;
   c.max_step_tokens = 1;
   c.num_threads = in.threads;
-  return static_cast<int64_t>(KVCache::bytes_for(c, in.ranks));
+  c.device = in.device;
+  return c;
+}
+
+int64_t plan_cache(const PlanInput& in) {
+  return static_cast<int64_t>(KVCache::bytes_for(cache_config(in), in.ranks));
+}
+
+// On the GPU the cache's constructor grows the per-thread tile-bounds scratch (shared with the
+// prefill's folds) for its decode folds: one query over up to max(capacity, S) keys.
+int64_t cache_fold_scratch(const PlanInput& in) {
+  const KVCacheConfig c = cache_config(in);
+  const int64_t keys = std::max(KVCache::capacity_for(c, in.ranks), c.spec.sinks);
+  return cuda::fold_scratch_bytes(false, in.dtype, in.head_dim, c.max_step_tokens, keys);
 }
 
 // A configuration the runtime would reject (e.g. too many ranks for the sinks) does not fit.
@@ -234,13 +247,18 @@ MemoryPlan plan_memory(const PlanInput& in) {
     m.sink_copy = f.sink_copy;
     m.softmax_state = f.softmax_state;
     m.kernel_workspace = f.kernel_workspace;
-    if (in.mode == PlanMode::kInfer) m.cache = plan_cache(in);
+    if (in.mode == PlanMode::kInfer) {
+      m.cache = plan_cache(in);
+      if (in.device == Device::kCUDA) {
+        m.kernel_workspace = std::max(m.kernel_workspace, cache_fold_scratch(in));
+      }
+    }
     // The kernels' per-thread workspaces are kept between calls, so from the second call on
     // they are already at their largest when the sinks are folded (and the forward's is there
     // in the backward, the backward's in the next forward): the plan is that steady state, which
     // the first call never exceeds.
     const int64_t tensors = m.q + m.k + m.v + m.o + m.lse;
-    m.peak = tensors + m.cache + f.kernel_workspace + f.peak;
+    m.peak = tensors + m.cache + m.kernel_workspace + f.peak;
     if (in.mode == PlanMode::kTrain) {
       m.dout = m.dq = dm.q_like(n);
       m.dk = m.dv = dm.kv_like(n);

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kernels/cpu/attention_cpu_bwd.h"
+#include "kernels/softmax_state.h"
 #include "ringattn/error.h"
 #if RINGATTN_WITH_CUDA
 #include "kernels/cuda/attention_cuda.h"
@@ -46,6 +47,28 @@ void store_host(const float* acc, const TensorView& out) {
         const float* a = acc + ((b * n + i) * heads + h) * d;
         const int64_t off = b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
         for (int64_t c = 0; c < d; ++c) store_from_float(out.data(), out.dtype(), off + c, a[c]);
+      }
+    }
+  }
+}
+
+// Tokens [lo, hi) of src [B, N, H_kv, D] into slots [slot, ...) of dst [B, cap, H_kv, D], host.
+void store_tokens_host(const TensorView& src, int64_t lo, int64_t hi, char* dst, int64_t cap,
+                       int64_t slot) {
+  const size_t es = dtype_size(src.dtype());
+  const int64_t kv_heads = src.size(2), d = src.size(3);
+  const size_t row_bytes = static_cast<size_t>(kv_heads * d) * es;
+  const char* base = static_cast<const char*>(src.data());
+  for (int64_t b = 0; b < src.size(0); ++b) {
+    for (int64_t i = lo; i < hi; ++i) {
+      char* out = dst + static_cast<size_t>(b * cap + slot + (i - lo)) * row_bytes;
+      const int64_t tok = b * src.stride(0) + i * src.stride(1);
+      if (src.stride(2) == d) {  // all heads of a token are one run
+        std::memcpy(out, base + tok * es, row_bytes);
+      } else {
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          std::memcpy(out + h * d * es, base + (tok + h * src.stride(2)) * es, d * es);
+        }
       }
     }
   }
@@ -129,11 +152,32 @@ class CpuEngine final : public RingEngine {
     if (bytes > 0) std::memcpy(dst, src, bytes);
   }
 
+  size_t reserve_decode(int64_t batch, int64_t max_q_len, int64_t heads, int64_t head_dim,
+                        int64_t /*max_keys*/) override {
+    state_.reset(batch, max_q_len, heads, head_dim);
+    merge_.resize(static_cast<size_t>(batch * heads * max_q_len * (2 + head_dim)));
+    return decode_bytes();
+  }
+  size_t decode_bytes() const override {
+    return state_.nbytes() + merge_.capacity() * sizeof(float);
+  }
+  void merge_state(Communicator& comm) override {
+    const size_t need = static_cast<size_t>(state_.batch() * state_.heads() * state_.q_len() *
+                                            (2 + state_.head_dim()));
+    if (merge_.size() < need) merge_.resize(need);
+    merge_state_cpu(comm, state_, merge_.data());
+  }
+  void store_tokens(const TensorView& src, int64_t lo, int64_t hi, char* dst, int64_t cap,
+                    int64_t slot) override {
+    store_tokens_host(src, lo, hi, dst, cap, slot);
+  }
+
  private:
   int threads_;
   const int64_t* q_pos_ = nullptr;
   cpu::SoftmaxStateCpu state_;
   cpu::BackwardStateCpu bstate_;
+  HostVector<float> merge_;
 };
 
 #if RINGATTN_WITH_CUDA
@@ -159,8 +203,15 @@ class CudaEngine final : public RingEngine {
                      const int64_t* q_pos) override {
     upload_q_pos(q_pos, q_len);
     const int64_t rows = batch * heads * q_len;
-    ml_.resize(static_cast<size_t>(2 * rows) * sizeof(float));
-    acc_.resize(static_cast<size_t>(rows * head_dim) * sizeof(float));
+    if (reserved_rows_ > 0) {
+      // Decode: the buffers were sized once for the most rows (m and l at rows apart).
+      RINGATTN_CHECK_CODE(ErrorCode::kInternal, rows <= reserved_rows_ && head_dim == reserved_d_,
+                          "decode forward of ", rows, " rows exceeds the reserved ",
+                          reserved_rows_);
+    } else {
+      ml_.resize(static_cast<size_t>(2 * rows) * sizeof(float));
+      acc_.resize(static_cast<size_t>(rows * head_dim) * sizeof(float));
+    }
     st_ = cuda::ForwardState{
         ml_.as<float>(), ml_.as<float>() + rows, acc_.as<float>(), batch, q_len, heads, head_dim};
     cuda::reset_state(st_, stream_.get());
@@ -226,6 +277,55 @@ class CudaEngine final : public RingEngine {
     stream_.synchronize();
   }
 
+  size_t reserve_decode(int64_t batch, int64_t max_q_len, int64_t heads, int64_t head_dim,
+                        int64_t max_keys) override {
+    const int64_t rows = batch * heads * max_q_len;
+    reserved_rows_ = rows;
+    reserved_d_ = head_dim;
+    ml_.resize(static_cast<size_t>(2 * rows) * sizeof(float));
+    acc_.resize(static_cast<size_t>(rows * head_dim) * sizeof(float));
+    merge_.resize(static_cast<size_t>(rows * (2 + head_dim)) * sizeof(float));
+    q_pos_dev_.resize(static_cast<size_t>(max_q_len) * sizeof(int64_t));
+    k_pos_dev_.resize(static_cast<size_t>(max_keys) * sizeof(int64_t));
+    cuda::reserve_fold_scratch(max_q_len, max_keys);
+    return decode_bytes();
+  }
+  size_t decode_bytes() const override {
+    return ml_.size() + acc_.size() + merge_.size() + q_pos_dev_.size() + k_pos_dev_.size();
+  }
+  void merge_state(Communicator& comm) override {
+    const int64_t R = st_.batch * st_.heads * st_.q_len;
+    const size_t need = static_cast<size_t>(R * (2 + st_.head_dim)) * sizeof(float);
+    if (merge_.size() < need) {
+      stream_.synchronize();
+      merge_.resize(need);
+    }
+    float* mx = merge_.as<float>();
+    float* sums = mx + R;
+    float* acc = sums + R;
+    cuda::copy_async(mx, st_.m, static_cast<size_t>(R) * sizeof(float), stream_.get());
+    stream_.synchronize();
+    comm.allreduce(mx, static_cast<size_t>(R), ReduceType::kF32, ReduceOp::kMax);
+    cuda::rescale_state(st_, mx, sums, acc, stream_.get());
+    stream_.synchronize();
+    comm.allreduce(sums, static_cast<size_t>(R + R * st_.head_dim), ReduceType::kF32,
+                   ReduceOp::kSum);
+    // finalize reads the merged state.
+    st_.m = mx;
+    st_.l = sums;
+    st_.acc = acc;
+  }
+  void store_tokens(const TensorView& src, int64_t lo, int64_t hi, char* dst, int64_t cap,
+                    int64_t slot) override {
+    if (hi <= lo) return;
+    const size_t row_bytes =
+        static_cast<size_t>(src.size(2) * src.size(3)) * dtype_size(src.dtype());
+    for (int64_t b = 0; b < src.size(0); ++b) {
+      cuda::copy_tokens_async(src.slice(0, b, b + 1), lo, hi,
+                              dst + static_cast<size_t>(b * cap + slot) * row_bytes, stream_.get());
+    }
+  }
+
  private:
   const float* sink_ptr(const TensorView* sink_logits) const {
     if (sink_logits == nullptr || sink_logits->data() == nullptr) return nullptr;
@@ -237,7 +337,8 @@ class CudaEngine final : public RingEngine {
   }
   void upload_q_pos(const int64_t* q_pos, int64_t n) {
     q_pos_host_ = q_pos;
-    q_pos_dev_.resize(static_cast<size_t>(n) * sizeof(int64_t));
+    const size_t bytes = static_cast<size_t>(n) * sizeof(int64_t);
+    if (reserved_rows_ == 0 || q_pos_dev_.size() < bytes) q_pos_dev_.resize(bytes);
     cuda::copy_async(q_pos_dev_.data(), q_pos, static_cast<size_t>(n) * sizeof(int64_t),
                      stream_.get());
   }
@@ -266,7 +367,8 @@ class CudaEngine final : public RingEngine {
   cuda::Stream stream_;
   cuda::KernelChoice choice_;
   const int64_t* q_pos_host_ = nullptr;
-  cuda::DeviceBuffer q_pos_dev_, k_pos_dev_, ml_, acc_;
+  cuda::DeviceBuffer q_pos_dev_, k_pos_dev_, ml_, acc_, merge_;
+  int64_t reserved_rows_ = 0, reserved_d_ = 0;  // reserve_decode's bounds (0: not reserved)
   cuda::ForwardState st_;
   cuda::BackwardState bst_;
 };
@@ -274,6 +376,42 @@ class CudaEngine final : public RingEngine {
 #endif  // RINGATTN_WITH_CUDA
 
 }  // namespace
+
+void merge_state_cpu(Communicator& comm, cpu::SoftmaxStateCpu& state, float* scratch) {
+  const int64_t B = state.batch(), H = state.heads(), T = state.q_len(), D = state.head_dim();
+  const int64_t R = B * H * T;
+  float* mx = scratch;
+  float* sums = mx + R;
+  float* acc = sums + R;
+  std::copy(state.m(), state.m() + R, mx);
+  comm.allreduce(mx, static_cast<size_t>(R), ReduceType::kF32, ReduceOp::kMax);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t row = (b * H + h) * T + t;  // m, l are [B, H, T]
+        const float f = rescale_factor(state.m()[row], mx[row]);
+        sums[row] = state.l()[row] * f;
+        const int64_t a = ((b * T + t) * H + h) * D;  // acc is [B, T, H, D]
+        for (int64_t x = 0; x < D; ++x) acc[a + x] = state.acc()[a + x] * f;
+      }
+    }
+  }
+  comm.allreduce(sums, static_cast<size_t>(R + R * D), ReduceType::kF32, ReduceOp::kSum);
+  std::copy(mx, mx + R, state.m());
+  std::copy(sums, sums + R, state.l());
+  std::copy(acc, acc + R * D, state.acc());
+}
+
+size_t decode_bytes_for(Device device, int64_t batch, int64_t max_q_len, int64_t heads,
+                        int64_t head_dim, int64_t max_keys) {
+  const size_t rows = static_cast<size_t>(batch * heads * max_q_len);
+  const size_t d = static_cast<size_t>(head_dim);
+  const size_t state = (2 * rows + rows * d) * sizeof(float);
+  const size_t merge = rows * (2 + d) * sizeof(float);
+  if (device == Device::kCPU) return state + merge;
+  return state + merge +
+         static_cast<size_t>(max_q_len + std::max<int64_t>(max_keys, 0)) * sizeof(int64_t);
+}
 
 std::unique_ptr<RingEngine> make_engine(Device device, int num_threads) {
   if (device == Device::kCPU) return std::make_unique<CpuEngine>(num_threads);

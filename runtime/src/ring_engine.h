@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "comm/communicator.h"
 #include "kernels/cpu/attention_cpu.h"
 #include "ringattn/attention.h"
 #include "ringattn/config.h"
@@ -94,7 +95,39 @@ class RingEngine {
   virtual void store(const float* acc, const TensorView& out) = 0;
   /// Copies n bytes between this engine's memory and the host or device memory of a tensor.
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+
+  // ---- decode (the KV cache, runtime/src/kv_cache.cc) ----
+  /// Sizes, once, every buffer that forward calls of up to max_q_len queries folding blocks of
+  /// up to max_keys keys (and merge_state) need: the forward state, the merge buffer, the
+  /// positions (and on CUDA the kernels' per-thread tile scratch). From then on begin_forward,
+  /// fold and merge_state within those bounds allocate nothing. Returns decode_bytes().
+  virtual size_t reserve_decode(int64_t batch, int64_t max_q_len, int64_t heads, int64_t head_dim,
+                                int64_t max_keys) = 0;
+  /// Bytes of the buffers reserve_decode sized, on this engine's device (the kernels' shared
+  /// per-thread scratch excluded): f32 m, l, acc and the merge buffer (m, sums, acc) of
+  /// R = batch * heads * max_q_len rows, plus on CUDA the device copies of the query and key
+  /// positions (max_q_len and max_keys int64). See decode_bytes_for.
+  virtual size_t decode_bytes() const = 0;
+  /// Merges the forward state exactly across the ranks of comm (all of them call it): M = MAX
+  /// allreduce of m; l and acc rescaled by exp(m - M) (0 for an empty row); SUM allreduce of
+  /// both. The merged state is what finalize then reads. Blocking; comm must accept buffers on
+  /// this engine's device.
+  virtual void merge_state(Communicator& comm) = 0;
+  /// Copies tokens [lo, hi) of src ([B, N, H_kv, D], host or device, innermost dimension
+  /// contiguous) into slots [slot, slot + hi - lo) of dst, a contiguous [B, cap, H_kv, D]
+  /// buffer on this engine's device. CUDA: queued on the compute stream (sync() waits).
+  virtual void store_tokens(const TensorView& src, int64_t lo, int64_t hi, char* dst, int64_t cap,
+                            int64_t slot) = 0;
 };
+
+/// decode_bytes() after reserve_decode(batch, max_q_len, heads, head_dim, max_keys) on an
+/// engine for `device` (the memory planner's figure; needs no engine).
+size_t decode_bytes_for(Device device, int64_t batch, int64_t max_q_len, int64_t heads,
+                        int64_t head_dim, int64_t max_keys);
+
+/// The decode merge on host buffers (CpuEngine::merge_state; the CPU KV cache): state's rows
+/// merged across comm's ranks; scratch holds R * (2 + D) floats (R = B * H * Nq of the state).
+void merge_state_cpu(Communicator& comm, cpu::SoftmaxStateCpu& state, float* scratch);
 
 /// The engine for tensors on `device`: the CPU kernels with num_threads threads (0: default), or
 /// the CUDA kernels on the calling thread's current device. Throws Error(kUnsupported) for CUDA

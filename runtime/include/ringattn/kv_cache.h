@@ -24,11 +24,20 @@
 /// are a prefix of each rank's, so eviction is a pointer move. Memory per rank is fixed at
 /// construction, whatever the stream length; positions stay the original global positions.
 ///
+/// Device (KVCacheConfig::device): on kCUDA the slots, the sink replica, the softmax state and
+/// the merge buffers are device memory, the folds and the merge run on a CUDA RingEngine
+/// (runtime/src/ring_engine.h) and the merge's allreduces pass device buffers; the books
+/// (positions, counts, placement) stay on the host. The one-token GQA grouping (fold the G
+/// query heads of a kv head as G rows) is a CPU-only optimisation.
+///
 /// Every call is a collective of all ranks of the communicator; bad use (decode before
 /// prefill, shapes that differ from the construction, capacity exceeded) throws AgreedError
 /// on every rank, never a hang.
 
+#include <array>
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -36,6 +45,7 @@
 #include "ringattn/attention.h"
 #include "ringattn/memory.h"
 #include "ringattn/ring.h"
+#include "runtime/src/ring_engine.h"
 
 namespace ringattn {
 
@@ -56,6 +66,11 @@ struct KVCacheConfig {
   int64_t max_step_tokens = 1;
   /// CPU kernel threads for decode (0: the kernel's default).
   int num_threads = 0;
+  /// Where the tensors of prefill, load and decode live, and so the cache's storage (k/v slots,
+  /// sink replica, softmax state and merge buffers): kCPU, or kCUDA (the calling thread's
+  /// current device; the communicator must accept device buffers: NCCL or an in-process world
+  /// of device buffers). Positions and the placement books stay on the host either way.
+  Device device = Device::kCPU;
 };
 
 /// Per-rank account of one decode call.
@@ -122,13 +137,20 @@ class KVCache {
   bool streaming() const { return config_.spec.window > 0; }
   bool prefilled() const { return prefilled_; }
   /// Bytes per rank a cache of `config` on `world` ranks allocates (known before the first
-  /// token, and before construction: the memory planner uses it): k and v slots, sink
-  /// replicas, positions, decode scratch.
+  /// token, and before construction: the memory planner uses it). kCPU (all host memory): k
+  /// and v slots, sink replicas, positions, decode scratch. kCUDA: the DEVICE bytes only: k
+  /// and v slots and the sink replica, the softmax state (f32 m, l, acc) and the merge buffer
+  /// for max_step_tokens queries, and the device copies of the query positions (T) and key
+  /// positions (max(capacity, S)). Not counted there: the host books of a CUDA cache
+  /// (positions, counts, placement: a few int64 per slot) and the CUDA kernels' per-thread
+  /// tile-bounds scratch (16 bytes per 64 queries and per 64 keys of the largest fold, shared
+  /// with the ring forward and grown by the constructor; see cuda::fold_scratch_bytes).
   static size_t bytes_for(const KVCacheConfig& config, int world);
   /// bytes_for(config(), world).
   size_t capacity_bytes() const;
-  /// Bytes per rank the cache holds now, measured on its buffers; equals capacity_bytes()
-  /// from construction on, however many tokens pass through.
+  /// Bytes per rank the cache holds now, measured on its buffers (on the device of
+  /// config().device, as bytes_for counts); equals capacity_bytes() from construction on,
+  /// however many tokens pass through.
   size_t bytes() const;
   const KVCacheConfig& config() const { return config_; }
 
@@ -149,18 +171,29 @@ class KVCache {
   // can see (positions <= next - W, sinks excluded).
   void evict_before(int64_t next);
 
+  // Tokens [first, first + n) of a [B, N, H_kv, D] view into slots [slot, slot + n) of buf
+  // ([B, cap, H_kv, D] on the cache's device).
+  void put(const TensorView& src, int64_t first, int64_t n, detail::ByteBuffer& buf, int64_t cap,
+           int64_t slot);
+  bool on_cuda() const { return config_.device == Device::kCUDA; }
+  // This rank's live slots as at most two [lo, hi) runs of its ring buffer (empty runs: lo >= hi).
+  std::array<std::pair<int64_t, int64_t>, 2> live_runs() const;
+  // Decode on the CUDA engine (steps 3 and 4 of decode): fold, merge, finalize.
+  void attend_cuda(const TensorView& q_new, const TensorView* sink_logits, const TensorView& o,
+                   const TensorView* lse, int64_t T, DecodeStats& st);
+
   Communicator& comm_;
   KVCacheConfig config_;
   int rank_ = 0, world_ = 1;
   Layout layout_ = Layout::kContiguous;  // the resolved prefill layout
   int64_t capacity_ = 0;
-  size_t row_bytes_ = 0;              // one token of k (or v) of one batch row: H_kv * D * es
-  HostVector<char> k_, v_;            // [B, capacity, H_kv, D] this rank's ring buffer
-  HostVector<int64_t> pos_;           // [rows, capacity] global position of every slot
-  HostVector<int64_t> heads_;         // [rows] slot of each tracked rank's oldest token
-  HostVector<int64_t> counts_;        // [P] tokens per rank (the same on every rank)
-  HostVector<char> sink_k_, sink_v_;  // [B, S, H_kv, D] replica of the sink tokens
-  HostVector<int64_t> sink_pos_;      // [S] 0..S-1
+  size_t row_bytes_ = 0;                // one token of k (or v) of one batch row: H_kv * D * es
+  detail::ByteBuffer k_, v_;            // [B, capacity, H_kv, D] this rank's ring buffer
+  HostVector<int64_t> pos_;             // [rows, capacity] global position of every slot
+  HostVector<int64_t> heads_;           // [rows] slot of each tracked rank's oldest token
+  HostVector<int64_t> counts_;          // [P] tokens per rank (the same on every rank)
+  detail::ByteBuffer sink_k_, sink_v_;  // [B, S, H_kv, D] replica of the sink tokens
+  HostVector<int64_t> sink_pos_;        // [S] 0..S-1
   int64_t length_ = 0;
   bool prefilled_ = false;
   // Decode scratch, sized for max_step_tokens at construction so decode allocates nothing.
@@ -170,6 +203,9 @@ class KVCache {
   HostVector<int64_t> q_pos_;         // [max(T, G)] positions of the query rows
   HostVector<int64_t> owner_;         // [T] rank that stores each new token
   HostVector<int64_t> plan_;          // [P] counts while planning a placement
+  // kCUDA: the engine that folds, merges and finalizes on the device (its buffers reserved at
+  // construction); kCPU: null (the state and merge buffers above do it on the host).
+  std::unique_ptr<detail::RingEngine> engine_;
 };
 
 }  // namespace ringattn
