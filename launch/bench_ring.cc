@@ -153,18 +153,8 @@ int bench_ring_main(MpiSession& session, int argc, char** argv) {
       100.0 * efficiency, 100.0 * worst[0]);
   if (!a.json.empty()) {
     Json j;
-    j.add("command", "bench ring")
-        .add("seq_len", p.seq_len)
-        .add("ranks", world)
-        .add("batch", a.problem.batch)
-        .add("heads", a.problem.heads)
-        .add("kv_heads", a.problem.kv_heads)
-        .add("head_dim", a.problem.head_dim)
-        .add("causal", p.spec.causal)
-        .add("window", p.spec.window)
-        .add("sinks", p.spec.sinks)
-        .add("layout", layout_name(p.layout))
-        .add("dtype", dtype_name(p.dtype))
+    j.add("command", "bench ring").add("seq_len", p.seq_len).add("ranks", world);
+    a.problem.add_to(j, p)
         .add("threads", threads)
         .add("backend", backend_name(backend))
         .add("virtual_ranks", a.virtual_ranks > 0)

@@ -125,7 +125,6 @@ void infer_rank(Communicator& comm, InferArgs& a_shared, const po::variables_map
   const AttentionSpec& spec = p.spec;
   const DType dtype = p.dtype;
   const int64_t seq_len = p.seq_len;
-  const Layout layout = p.layout;
   const size_t es = dtype_size(dtype);
   // Inputs are generated on the host; with the CUDA backend they are copied to the device
   // (q, k, v, o, lse live there) and o comes back for the checksum.
@@ -262,18 +261,8 @@ void infer_rank(Communicator& comm, InferArgs& a_shared, const po::variables_map
     std::printf("  output checksum %.6e\n", checksum);
     if (!a.json.empty()) {
       Json j;
-      j.add("command", "infer")
-          .add("seq_len", seq_len)
-          .add("ranks", world)
-          .add("batch", B)
-          .add("heads", H)
-          .add("kv_heads", Hkv)
-          .add("head_dim", D)
-          .add("causal", spec.causal)
-          .add("window", spec.window)
-          .add("sinks", spec.sinks)
-          .add("layout", layout_name(layout))
-          .add("dtype", dtype_name(dtype))
+      j.add("command", "infer").add("seq_len", seq_len).add("ranks", world);
+      a.problem.add_to(j, p)
           .add("layers", a.layers)
           .add("threads", options.num_threads)
           .add("backend", backend_name(backend))

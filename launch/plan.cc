@@ -167,18 +167,8 @@ int plan_main(int argc, char** argv) {
     std::vector<Json> ranks;
     for (const RankMemory& m : plan.ranks) ranks.push_back(rank_memory_json(plan, m));
     Json j;
-    j.add("command", "plan")
-        .add("seq_len", in.seq_len)
-        .add("ranks", in.ranks)
-        .add("batch", in.batch)
-        .add("heads", in.heads)
-        .add("kv_heads", in.kv_heads)
-        .add("head_dim", in.head_dim)
-        .add("causal", in.spec.causal)
-        .add("window", in.spec.window)
-        .add("sinks", in.spec.sinks)
-        .add("layout", layout_name(plan.layout))
-        .add("dtype", dtype_name(in.dtype))
+    j.add("command", "plan").add("seq_len", in.seq_len).add("ranks", in.ranks);
+    a.problem.add_to(j, p)
         .add("mode", plan_mode_name(mode))
         .add("threads", in.threads)
         .add("backend", a.backend)

@@ -58,4 +58,16 @@ std::string ProblemFlags::describe(const Resolved& r) const {
                          " layout=", layout_name(r.layout), " dtype=", dtype_name(r.dtype));
 }
 
+Json& ProblemFlags::add_to(Json& json, const Resolved& r) const {
+  return json.add("batch", batch)
+      .add("heads", heads)
+      .add("kv_heads", kv_heads)
+      .add("head_dim", head_dim)
+      .add("causal", r.spec.causal)
+      .add("window", r.spec.window)
+      .add("sinks", r.spec.sinks)
+      .add("layout", layout_name(r.layout))
+      .add("dtype", dtype_name(r.dtype));
+}
+
 }  // namespace ringattn::launch

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "launch/common.h"
 #include "ringattn/attention.h"
 
 namespace ringattn::launch {
@@ -36,6 +37,10 @@ struct ProblemFlags {
     Layout layout = Layout::kContiguous;  ///< resolved: contiguous or zigzag
   };
   Resolved resolve() const;
+
+  /// Adds batch, heads, kv_heads, head_dim, causal, window, sinks, layout and dtype to a
+  /// command's JSON summary (the keys every command writes alike).
+  Json& add_to(Json& json, const Resolved& r) const;
 
   /// "N=262144 B=1 H=8 H_kv=2 D=64 causal window=4096 sinks=4 layout=contiguous dtype=f32".
   std::string describe(const Resolved& r) const;

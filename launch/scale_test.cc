@@ -328,17 +328,8 @@ void scale_test_rank(Communicator& comm, const ScaleArgs& a, const ProblemFlags:
     }
     if (!a.json.empty()) {
       Json j;
-      j.add("command", "scale-test")
-          .add("ranks", world)
-          .add("batch", a.problem.batch)
-          .add("heads", a.problem.heads)
-          .add("kv_heads", a.problem.kv_heads)
-          .add("head_dim", a.problem.head_dim)
-          .add("causal", base.spec.causal)
-          .add("window", base.spec.window)
-          .add("sinks", base.spec.sinks)
-          .add("layout", layout_name(base.layout))
-          .add("dtype", dtype_name(base.dtype))
+      j.add("command", "scale-test").add("ranks", world);
+      a.problem.add_to(j, base)
           .add("threads", threads)
           .add("backend", backend_name(backend))
           .add("max_relative_error", worst)

@@ -103,6 +103,27 @@ __device__ __forceinline__ int64_t next_live_q_tile(const BwdParams& p, int64_t 
   return p.q_tiles;
 }
 
+// The key tile a CTA owns. blockIdx.x = (b * H_kv + hk) * k_tiles + kt: consecutive CTAs share
+// (b, hk) and read the same Q/dO from L2. Query tiles are visited from tile rot = kt % q_tiles
+// on, so the CTAs of one head do not all add into the same dq rows at once.
+struct KeyTile {
+  int64_t kt, b, k0, k_lo, k_hi, rot;
+  int hk, k_rows;
+};
+__device__ __forceinline__ KeyTile key_tile_of_cta(const BwdParams& p, int tile) {
+  KeyTile t;
+  t.kt = blockIdx.x % p.k_tiles;
+  const int64_t bhk = blockIdx.x / p.k_tiles;
+  t.b = bhk / p.kv_heads;
+  t.hk = static_cast<int>(bhk % p.kv_heads);
+  t.k0 = t.kt * tile;
+  t.k_rows = static_cast<int>(p.k_len - t.k0 < tile ? p.k_len - t.k0 : tile);
+  t.k_lo = p.k_bounds[2 * t.kt];
+  t.k_hi = p.k_bounds[2 * t.kt + 1];
+  t.rot = t.kt % p.q_tiles;
+  return t;
+}
+
 __device__ __forceinline__ int64_t rotated_tile(int64_t i, int64_t rot, int64_t tiles) {
   const int64_t t = i + rot;
   return t >= tiles ? t - tiles : t;
@@ -162,16 +183,9 @@ __global__ void __launch_bounds__(kThreads, tc_min_blocks<D>()) bwd_tc_kernel(co
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;
-  // blockIdx.x = (b * H_kv + hk) * k_tiles + kt: consecutive CTAs share (b, hk) and read the
-  // same Q/dO from L2.
-  const int64_t kt = blockIdx.x % p.k_tiles;
-  const int64_t bhk = blockIdx.x / p.k_tiles;
-  const int64_t b = bhk / p.kv_heads;
-  const int hk = static_cast<int>(bhk % p.kv_heads);
-  const int64_t k0 = kt * kBN;
-  const int k_rows = static_cast<int>(p.k_len - k0 < kBN ? p.k_len - k0 : kBN);
-  const int64_t k_lo = p.k_bounds[2 * kt], k_hi = p.k_bounds[2 * kt + 1];
-  const int64_t rot = kt % p.q_tiles;
+  const KeyTile kt_ = key_tile_of_cta(p, kBN);
+  const int64_t b = kt_.b, k0 = kt_.k0, k_lo = kt_.k_lo, k_hi = kt_.k_hi, rot = kt_.rot;
+  const int hk = kt_.hk, k_rows = kt_.k_rows;
 
   // A CTA whose keys no query sees leaves dk/dv untouched.
   int64_t it = next_live_q_tile(p, 0, rot, k_lo, k_hi);
@@ -456,14 +470,9 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_generic_kernel(const BwdParam
   float* ds_s = p_s + kTile * kPitchP;
 
   const int tid = threadIdx.x;
-  const int64_t kt = blockIdx.x % p.k_tiles;
-  const int64_t bhk = blockIdx.x / p.k_tiles;
-  const int64_t b = bhk / p.kv_heads;
-  const int hk = static_cast<int>(bhk % p.kv_heads);
-  const int64_t k0 = kt * kTile;
-  const int k_rows = static_cast<int>(p.k_len - k0 < kTile ? p.k_len - k0 : kTile);
-  const int64_t k_lo = p.k_bounds[2 * kt], k_hi = p.k_bounds[2 * kt + 1];
-  const int64_t rot = kt % p.q_tiles;
+  const KeyTile kt_ = key_tile_of_cta(p, kTile);
+  const int64_t b = kt_.b, k0 = kt_.k0, k_lo = kt_.k_lo, k_hi = kt_.k_hi, rot = kt_.rot;
+  const int hk = kt_.hk, k_rows = kt_.k_rows;
 
   int64_t it = next_live_q_tile(p, 0, rot, k_lo, k_hi);
   if (it >= p.q_tiles) return;

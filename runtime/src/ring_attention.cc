@@ -52,7 +52,9 @@ namespace {
 using detail::agree_configuration;
 using detail::Block;
 using detail::BlockCodec;
-using detail::broadcast_sinks;
+using detail::fold_need;
+using detail::fold_sinks;
+using detail::local_block;
 using detail::check_ring_shard;
 using detail::Clock;
 using detail::complete_hop;
@@ -95,49 +97,23 @@ RingStats forward(Communicator& comm, const AttentionSpec& spec, int64_t seq_len
   const BlockCodec codec(shape.batch, shape.kv_heads, shape.head_dim, q.dtype(), q.device());
 
   auto fold = [&](const Block& blk, IndexRange need) {
-    if (!blk.valid() || need.empty()) {
-      ++st.blocks_skipped;
-      return;
-    }
-    const int64_t off = need.lo - blk.range.lo;
-    const TensorView kb = blk.k.slice(1, off, off + need.size());
-    const TensorView vb = blk.v.slice(1, off, off + need.size());
-    k_pos.resize(static_cast<size_t>(need.size()));
-    plan.shard(blk.origin).positions(need.lo, need.hi, k_pos.data());
-    const Clock::time_point t0 = Clock::now();
-    const cpu::FoldStats fs = engine->fold(spec, q, kb, vb, k_pos.data());
-    st.compute_s += seconds_since(t0);
-    st.tiles_computed += fs.tiles_computed;
-    st.tiles_skipped += fs.tiles_skipped;
-    st.flops += fs.flops;
-    ++st.blocks_computed;
+    fold_need(plan, blk, need, k_pos, st,
+              [&](const TensorView& kb, const TensorView& vb, const int64_t* kp) {
+                return engine->fold(spec, q, kb, vb, kp);
+              });
   };
 
   // 2. The sink block: the owner (rank 0, whose first run starts at position 0) broadcasts
   // [k; v] of positions 0..S-1; everyone folds it first. The plan never carries those keys.
   if (spec.sinks > 0) {
-    const Clock::time_point t0 = Clock::now();
-    detail::ByteBuffer sink_buf;
-    const Block sinks = broadcast_sinks(comm, *engine, codec, k, v, spec.sinks, sink_buf, st);
-    st.broadcast_s = seconds_since(t0);
-    HostVector<int64_t> sink_pos(static_cast<size_t>(spec.sinks));
-    for (int64_t j = 0; j < spec.sinks; ++j) sink_pos[j] = j;
-    const Clock::time_point t1 = Clock::now();
-    const cpu::FoldStats fs = engine->fold(spec, q, sinks.k, sinks.v, sink_pos.data());
-    st.compute_s += seconds_since(t1);
-    st.tiles_computed += fs.tiles_computed;
-    st.tiles_skipped += fs.tiles_skipped;
-    st.flops += fs.flops;
-    ++st.blocks_computed;
-    engine->sync();  // the fold read sink_buf, which goes now
+    fold_sinks(comm, *engine, codec, k, v, spec.sinks, st,
+               [&](const TensorView& sk, const TensorView& sv, const int64_t* sp) {
+                 return engine->fold(spec, q, sk, sv, sp);
+               });
   }
 
   // 3. The ring.
-  Block local;
-  local.origin = rank;
-  local.range = IndexRange{0, n_local};
-  local.k = k;
-  local.v = v;
+  const Block local = local_block(rank, k, v);
 
   std::vector<Lane> lanes = make_lanes(*engine, plan, codec, rank, local, /*tag_base=*/1);
 

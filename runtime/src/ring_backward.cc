@@ -36,7 +36,9 @@ namespace {
 using detail::agree_configuration;
 using detail::Block;
 using detail::BlockCodec;
-using detail::broadcast_sinks;
+using detail::fold_need;
+using detail::fold_sinks;
+using detail::local_block;
 using detail::check_ring_shard;
 using detail::Clock;
 using detail::complete_hop;
@@ -160,25 +162,13 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
   // whose key 0 is local index acc_lo of the block's origin.
   auto fold = [&](const Block& blk, IndexRange need, const TensorView& dk_acc,
                   const TensorView& dv_acc, int64_t acc_lo) {
-    if (!blk.valid() || need.empty()) {
-      ++st.blocks_skipped;
-      return;
-    }
-    const int64_t off = need.lo - blk.range.lo;
-    const TensorView kb = blk.k.slice(1, off, off + need.size());
-    const TensorView vb = blk.v.slice(1, off, off + need.size());
-    k_pos.resize(static_cast<size_t>(need.size()));
-    plan.shard(blk.origin).positions(need.lo, need.hi, k_pos.data());
     const int64_t a0 = need.lo - acc_lo;
-    const Clock::time_point t1 = Clock::now();
-    const cpu::FoldStats fs = engine->fold_backward(spec, q, kb, vb, k_pos.data(), dout,
-                                                    dk_acc.slice(1, a0, a0 + need.size()),
-                                                    dv_acc.slice(1, a0, a0 + need.size()));
-    st.compute_s += seconds_since(t1);
-    st.tiles_computed += fs.tiles_computed;
-    st.tiles_skipped += fs.tiles_skipped;
-    st.flops += fs.flops;
-    ++st.blocks_computed;
+    fold_need(plan, blk, need, k_pos, st,
+              [&](const TensorView& kb, const TensorView& vb, const int64_t* kp) {
+                return engine->fold_backward(spec, q, kb, vb, kp, dout,
+                                             dk_acc.slice(1, a0, a0 + need.size()),
+                                             dv_acc.slice(1, a0, a0 + need.size()));
+              });
   };
 
   // 2. The sinks: every rank folds the broadcast block into its own f32 sink dk/dv; these and
@@ -191,30 +181,16 @@ RingStats backward(Communicator& comm, const AttentionSpec& spec, int64_t seq_le
     engine->zero(reduced.as<float>(), reduced_floats);
   }
   if (spec.sinks > 0) {
-    t0 = Clock::now();
-    detail::ByteBuffer sink_buf;
-    const Block sinks = broadcast_sinks(comm, *engine, codec, k, v, spec.sinks, sink_buf, st);
-    st.broadcast_s = seconds_since(t0);
-    HostVector<int64_t> sink_pos(static_cast<size_t>(spec.sinks));
-    for (int64_t j = 0; j < spec.sinks; ++j) sink_pos[j] = j;
-    const Clock::time_point t1 = Clock::now();
-    const cpu::FoldStats fs = engine->fold_backward(spec, q, sinks.k, sinks.v, sink_pos.data(),
-                                                    dout, grads.dk(reduced.as<float>(), spec.sinks),
-                                                    grads.dv(reduced.as<float>(), spec.sinks));
-    st.compute_s += seconds_since(t1);
-    st.tiles_computed += fs.tiles_computed;
-    st.tiles_skipped += fs.tiles_skipped;
-    st.flops += fs.flops;
-    ++st.blocks_computed;
-    engine->sync();  // the fold read sink_buf, which goes now
+    fold_sinks(comm, *engine, codec, k, v, spec.sinks, st,
+               [&](const TensorView& sk, const TensorView& sv, const int64_t* sp) {
+                 return engine->fold_backward(spec, q, sk, sv, sp, dout,
+                                              grads.dk(reduced.as<float>(), spec.sinks),
+                                              grads.dv(reduced.as<float>(), spec.sinks));
+               });
   }
 
   // 3. The ring.
-  Block local;
-  local.origin = rank;
-  local.range = IndexRange{0, n_local};
-  local.k = k;
-  local.v = v;
+  const Block local = local_block(rank, k, v);
   std::vector<Lane> lanes = make_lanes(*engine, plan, codec, rank, local, kKvTag);
   std::vector<GradLane> glanes;
   for (const Lane& lane : lanes) {

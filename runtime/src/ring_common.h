@@ -226,6 +226,64 @@ inline Block broadcast_sinks(Communicator& comm, RingEngine& engine, const Block
   return codec.view(buf.data(), 0, IndexRange{0, sinks});
 }
 
+// Counts one computed fold in the stats.
+inline void count_fold(RingStats& st, const cpu::FoldStats& fs) {
+  st.tiles_computed += fs.tiles_computed;
+  st.tiles_skipped += fs.tiles_skipped;
+  st.flops += fs.flops;
+  ++st.blocks_computed;
+}
+
+// Folds the part `need` (origin-local indices) of a held block, as both passes do at every step:
+// fold(k, v, k_pos) gets the keys' views and their global positions (written to k_pos, the
+// buffer RankPositions reserved); timed and counted in st. An empty need counts as skipped.
+template <typename Fold>
+void fold_need(const RingPlan& plan, const Block& blk, IndexRange need, HostVector<int64_t>& k_pos,
+               RingStats& st, Fold&& fold) {
+  if (!blk.valid() || need.empty()) {
+    ++st.blocks_skipped;
+    return;
+  }
+  const int64_t off = need.lo - blk.range.lo;
+  k_pos.resize(static_cast<size_t>(need.size()));
+  plan.shard(blk.origin).positions(need.lo, need.hi, k_pos.data());
+  const Clock::time_point t0 = Clock::now();
+  const cpu::FoldStats fs = fold(blk.k.slice(1, off, off + need.size()),
+                                 blk.v.slice(1, off, off + need.size()), k_pos.data());
+  st.compute_s += seconds_since(t0);
+  count_fold(st, fs);
+}
+
+// The sink phase of both passes: the owner broadcasts [k; v] of positions 0..S-1
+// (broadcast_sinks), every rank folds it once with fold(k, v, positions), and the copy goes
+// again before the ring allocates its buffers (after the engine finished reading it).
+template <typename Fold>
+void fold_sinks(Communicator& comm, RingEngine& engine, const BlockCodec& codec,
+                const TensorView& k, const TensorView& v, int64_t sinks, RingStats& st,
+                Fold&& fold) {
+  const Clock::time_point t0 = Clock::now();
+  ByteBuffer buf;
+  const Block blk = broadcast_sinks(comm, engine, codec, k, v, sinks, buf, st);
+  st.broadcast_s = seconds_since(t0);
+  HostVector<int64_t> pos(static_cast<size_t>(sinks));
+  for (int64_t j = 0; j < sinks; ++j) pos[static_cast<size_t>(j)] = j;
+  const Clock::time_point t1 = Clock::now();
+  const cpu::FoldStats fs = fold(blk.k, blk.v, pos.data());
+  st.compute_s += seconds_since(t1);
+  count_fold(st, fs);
+  engine.sync();
+}
+
+// The rank's own shard as the block it holds at step 0.
+inline Block local_block(int rank, const TensorView& k, const TensorView& v) {
+  Block b;
+  b.origin = rank;
+  b.range = IndexRange{0, k.size(1)};
+  b.k = k;
+  b.v = v;
+  return b;
+}
+
 // The checks of a ring call that need the communicator and the global length: q, k and v
 // shards of one length, host tensors, and a shard of this rank's size for the resolved layout.
 // Run inside agree(). Returns the resolved layout.
